@@ -1,0 +1,38 @@
+"""Magnitude pruning: drop the smallest |W|, the data-free baseline every other method must beat."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import LayerResult, Method, Statistic, Target
+from .masks import select
+
+
+@dataclass
+class Magnitude(Method):
+    """scope: compare weights across the whole matrix ("matrix") or within each output row ("row")."""
+
+    scope: str = "matrix"
+
+    name = "magnitude"
+    summary = "prune the smallest |W| (no calibration data)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--magnitude-scope", choices=("matrix", "row"), default="matrix",
+            help="magnitude: compare weights across each whole matrix or within each output row (default: matrix)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Magnitude":
+        return cls(scope=args.magnitude_scope)
+
+    def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
+        weight = layer.weight.detach()
+        mask = select(weight.float().abs(), target, per_row=self.scope == "row")
+        return LayerResult(weight.masked_fill(mask, 0), mask)

@@ -1,0 +1,27 @@
+"""Wanda (Sun et al., 2023): score |W_ij|·‖X_j‖₂, prune the lowest within each output row. No weight update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .base import LayerResult, Method, Statistic, Target
+from .masks import select
+from .statistics import ColumnNorms
+
+
+@dataclass
+class Wanda(Method):
+    name = "wanda"
+    summary = "prune by |W|·‖X‖ within each output row (calibration activations, no weight update)"
+
+    def statistic(self, layer: nn.Linear) -> ColumnNorms:
+        return ColumnNorms(layer)
+
+    def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
+        assert isinstance(statistic, ColumnNorms)
+        weight = layer.weight.detach()
+        scores = weight.float().abs() * statistic.norms.unsqueeze(0)
+        mask = select(scores, target, per_row=True)
+        return LayerResult(weight.masked_fill(mask, 0), mask)

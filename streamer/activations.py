@@ -1,0 +1,107 @@
+"""The calibration activations between two blocks: two buffers (inputs, outputs), walked in micro-batches.
+
+A buffer lives in RAM, or in a memory-mapped file (--offload-activations) so that host RAM holds only the slices
+being read or written while the page cache holds the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .files import guard_disk
+
+class ActivationBuffer:
+    """A (windows, seqlen, hidden) tensor in RAM or backed by a file."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, path: Path | None = None):
+        self.shape, self.dtype, self.path = shape, dtype, path
+        self._map: np.memmap | None = None
+        if path is None:
+            self.data = torch.empty(shape, dtype=dtype)
+            return
+        nbytes = shape[0] * shape[1] * shape[2] * dtype.itemsize
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reuse = path.is_file() and path.stat().st_size == nbytes  # a resumed run may find its inputs here
+        with guard_disk(path):
+            self._map = np.memmap(path, dtype=np.uint8, mode="r+" if reuse else "w+", shape=(nbytes,))
+        self.data = torch.from_numpy(self._map).view(dtype).view(shape)
+
+    def flush(self) -> None:
+        """Make a file-backed buffer's contents durable."""
+        if self._map is not None:
+            with guard_disk(self.path):
+                self._map.flush()
+
+    def save(self, path: Path) -> None:
+        """Persist the contents to `path` (temporary name, fsync, rename)."""
+        temporary = path.with_name(path.name + ".tmp")
+        with guard_disk(path):
+            with open(temporary, "wb") as handle:
+                handle.write(memoryview(self.data.reshape(-1).view(torch.uint8).numpy()))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+
+    def load(self, path: Path) -> None:
+        """Fill the buffer from a file written by `save` (or another buffer's backing file)."""
+        if self.path is not None and path.resolve() == self.path.resolve():
+            return
+        target = memoryview(self.data.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb") as handle:
+            done = 0
+            while done < len(target):
+                count = handle.readinto(target[done:])
+                if not count:
+                    raise OSError(f"{path} is shorter than the activations it should hold")
+                done += count
+
+
+class Activations:
+    """Inputs and outputs of the block being processed, for all calibration (or evaluation) windows."""
+
+    def __init__(
+        self,
+        windows: int,
+        seqlen: int,
+        hidden: int,
+        dtype: torch.dtype,
+        micro_batch: int = 1,
+        offload_dir: Path | None = None,
+    ):
+        shape = (windows, seqlen, hidden)
+        paths = [None, None] if offload_dir is None else [offload_dir / f"activations-{i}.bin" for i in (0, 1)]
+        self.inputs = ActivationBuffer(shape, dtype, paths[0])
+        self.outputs = ActivationBuffer(shape, dtype, paths[1])
+        self.micro_batch = max(1, micro_batch)
+        self.windows = windows
+
+    def batches(self) -> list[slice]:
+        return [slice(s, min(s + self.micro_batch, self.windows)) for s in range(0, self.windows, self.micro_batch)]
+
+    def batch_sizes(self) -> set[int]:
+        return {batch.stop - batch.start for batch in self.batches()}
+
+    def run(
+        self,
+        step: Callable[[torch.Tensor], torch.Tensor | None],
+        device: torch.device,
+        keep_outputs: bool = True,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        """Apply `step` to every micro-batch of the inputs (on `device`); store its results as the outputs."""
+        with torch.no_grad():
+            for batch in self.batches():
+                result = step(self.inputs.data[batch].to(device))
+                if keep_outputs:
+                    self.outputs.data[batch] = result.to(self.outputs.dtype).cpu()
+                if progress is not None:
+                    progress()
+
+    def swap(self) -> None:
+        """The outputs of this block become the inputs of the next."""
+        self.inputs, self.outputs = self.outputs, self.inputs

@@ -1,0 +1,16 @@
+"""OPT: learned positions, LayerNorm before (or, for 350m, after) each sub-layer, optional in/out projections."""
+
+from .base import Adapter
+
+OPT = Adapter(
+    name="opt",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    final=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+)

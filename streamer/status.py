@@ -1,0 +1,29 @@
+"""`main.py status OUT`: how far a run got, with what settings, and what is left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import LayerpressError
+from .journal import read_journal
+
+
+def describe(out: Path) -> str:
+    body = read_journal(out)
+    if body is None:
+        raise LayerpressError(f"{out} holds no layerpress run (no .layerpress/journal.json)")
+    done, total = body["blocks_done"], body["total_blocks"]
+    timings = body.get("timings", [])
+    lines = [f"{out}: {body['command']} {body['state']}, {done} of {total} blocks done"]
+    if timings:
+        per_block = sum(t["read"] + t["compute"] + t["write"] for t in timings) / len(timings)
+        lines.append(f"  mean time per block: {per_block:.1f}s")
+        if body["state"] != "complete":
+            lines.append(f"  left: {total - done} blocks, about {per_block * (total - done) / 60:.1f} min")
+    lines.append(f"  shards finished: {len(body['writer']['checksums'])}")
+    if body.get("summary"):
+        lines.append(f"  total: {body['summary']['seconds']:.1f}s, {body['summary']['bytes_written']} bytes written")
+    lines.append("  settings: " + json.dumps(body["settings"], sort_keys=True))
+    lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in body["versions"].items()))
+    return "\n".join(lines)
