@@ -146,6 +146,12 @@ def check_counts(args: argparse.Namespace) -> None:
             raise LayerpressError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
 
 
+def stream_options(args: argparse.Namespace):
+    from streamer.stream import StreamOptions
+
+    return StreamOptions(device=args.device, micro_batch=args.micro_batch, offload_dir=args.offload_activations)
+
+
 def run_compress(args: argparse.Namespace) -> None:
     from streamer.scheduler import CompressSettings, compress
 
@@ -162,13 +168,11 @@ def run_compress(args: argparse.Namespace) -> None:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,
-        device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         true_sequential=args.true_sequential,
-        micro_batch=args.micro_batch,
         max_shard_bytes=args.max_shard_size,
-        offload_dir=args.offload_activations,
         restart=args.restart,
+        stream=stream_options(args),
     )
     compress(settings)
 
@@ -176,10 +180,8 @@ def run_compress(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from streamer.evaluate import perplexity
 
-    result = perplexity(
-        args.model, args.data, args.seqlen, args.windows, args.device,
-        DTYPES[args.dtype] if args.dtype else None, args.micro_batch, args.offload_activations,
-    )
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    result = perplexity(args.model, args.data, args.seqlen, args.windows, dtype, stream_options(args))
     print(json.dumps(result))
 
 

@@ -11,12 +11,11 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .activations import Activations
 from .checkpoint import Checkpoint
 from .data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
 from .model import StagedModel
+from .stream import StreamOptions, stream_blocks
 
 log = logging.getLogger("layerpress")
 
@@ -26,31 +25,21 @@ def perplexity(
     data: str | Path,
     seqlen: int = 2048,
     windows: int | None = None,
-    device: torch.device = torch.device("cpu"),
     dtype: torch.dtype | None = None,
-    micro_batch: int = 1,
-    offload_dir: Path | None = None,
+    options: StreamOptions | None = None,
 ) -> dict[str, float | int]:
     """{"ppl": ..., "windows": ..., "tokens": ...} of the model in `model` on the text `data`."""
+    options = options or StreamOptions()
     checkpoint = Checkpoint(model)
-    staged = StagedModel(checkpoint, device, dtype)
+    staged = StagedModel(checkpoint, options.device, dtype)
     seqlen = capped_seqlen(seqlen, checkpoint.config)
     ids = evaluation_windows(tokenize(load_tokenizer(model), load_text(data)), seqlen, windows)
-    acts = Activations(len(ids), seqlen, staged.config.hidden_size, staged.dtype, micro_batch, offload_dir)
-    with staged.pre_stage() as embedder:
-        extras = {size: embedder.extras(size, seqlen) for size in acts.batch_sizes()}
-        for batch in acts.batches():
-            acts.inputs.data[batch] = embedder.embed(ids[batch]).cpu()
-    for index in tqdm(range(staged.num_blocks), desc="eval", unit="block", disable=None):
-        block = staged.load_block(index)
-        acts.run(lambda hidden: staged.call_block(block, hidden, extras[hidden.shape[0]]), device)
-        staged.release_block(index)
-        acts.swap()
+    acts = stream_blocks(staged, ids, options, process=lambda context: {}, desc="eval")
     nll, count = 0.0, 0
     with staged.final_stage() as logits_of, torch.no_grad():
         for batch in acts.batches():
-            logits = logits_of(acts.inputs.data[batch].to(device)).float()
-            targets = ids[batch, 1:].to(device)
+            logits = logits_of(acts.inputs.data[batch].to(options.device)).float()
+            targets = ids[batch, 1:].to(options.device)
             nll += torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
             ).item()

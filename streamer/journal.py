@@ -12,13 +12,12 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .errors import LayerpressError
 from .files import atomic_write
-from .writer import INDEX_FILE, PARTIAL_SUFFIX, WriterState
+from .writer import INDEX_FILE, PARTIAL_SUFFIX
 
 WORK_DIR = ".layerpress"
 JOURNAL_FILE = "journal.json"
@@ -109,7 +108,6 @@ class Run:
                 "versions": library_versions(),
                 "blocks_done": 0,
                 "total_blocks": total_blocks,
-                "writer": asdict(WriterState()),
                 "inputs": None,
                 "layers": {},
                 "timings": [],
@@ -165,30 +163,31 @@ class Run:
         return self.body["blocks_done"]
 
     @property
-    def writer_state(self) -> WriterState:
-        return WriterState(**self.body["writer"])
-
-    @property
     def inputs_file(self) -> Path | None:
         """Where the inputs of the next block are persisted (None: not yet, embed the calibration windows)."""
         return Path(self.body["inputs"]) if self.body["inputs"] else None
 
-    def record_block(
-        self, index: int, writer: WriterState, inputs_file: Path | None, layers: dict[str, Any], timing: dict
-    ) -> None:
-        """Block `index` is durable: its tensors in the shards, the next block's inputs in `inputs_file`."""
+    def record_block(self, index: int, inputs_file: Path | None, record: dict[str, Any], timing: dict) -> None:
+        """Block `index` is durable, and the next block's inputs are in `inputs_file`.
+
+        `record` holds what the command wants kept (dicts are merged into the journal's, other values replace).
+        """
         stale = self.inputs_file
-        self.body.update(blocks_done=index + 1, writer=asdict(writer))
+        self.body["blocks_done"] = index + 1
         self.body["inputs"] = str(inputs_file) if inputs_file else None
-        self.body["layers"].update(layers)
+        for key, value in record.items():
+            if isinstance(value, dict) and isinstance(self.body.get(key), dict):
+                self.body[key].update(value)
+            else:
+                self.body[key] = value
         self.body["timings"].append({"block": index, **timing})
         self.save()
         if stale is not None and stale != inputs_file and stale.parent == self.work:
             stale.unlink(missing_ok=True)
 
-    def finish(self, writer: WriterState, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any]) -> None:
         stale = self.inputs_file
-        self.body.update(state="complete", writer=asdict(writer), inputs=None, summary=summary)
+        self.body.update(state="complete", inputs=None, summary=summary)
         self.save()
         if stale is not None and stale.parent == self.work:
             stale.unlink(missing_ok=True)

@@ -192,10 +192,10 @@ class ShardWriter:
         atomic_write(self.directory / INDEX_FILE, json.dumps(index, indent=2).encode())
 
 
-def copy_side_files(source: Path, destination: Path, skip: set[str]) -> None:
-    """Copy tokenizer and generation files (everything but weights, the index, config.json and `skip`)."""
+def copy_side_files(source: Path, destination: Path) -> None:
+    """Copy tokenizer and generation files (everything but the weights, the index and config.json)."""
     for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.name in skip:
+        if not path.is_file() or path.name.startswith("."):
             continue
         if path.suffix == ".safetensors" or path.name in {INDEX_FILE, "config.json"}:
             continue
