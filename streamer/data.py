@@ -49,6 +49,12 @@ def load_text(source: str | Path) -> str:
         raise LayerpressError(f"cannot load text from {source!r}: {message}") from exc
 
 
+def describe_source(source: str | Path) -> str:
+    """How records name a text source: the bundled files by name, so a moved clone still resumes its runs."""
+    path = Path(source)
+    return f"bundled:{path.name}" if path.is_file() and path.resolve().parent == DATA_DIR else str(source)
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     """The whole text as one sequence of token ids (no special tokens: windows are cut from running text)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]

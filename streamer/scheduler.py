@@ -24,7 +24,15 @@ from methods import Method, Target
 from methods.base import Statistic
 
 from .checkpoint import Checkpoint
-from .data import calibration_windows, capped_seqlen, load_text, load_tokenizer, tokenize, windows_fingerprint
+from .data import (
+    calibration_windows,
+    capped_seqlen,
+    describe_source,
+    load_text,
+    load_tokenizer,
+    tokenize,
+    windows_fingerprint,
+)
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run
@@ -58,7 +66,7 @@ class CompressSettings:
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
-            "calibration": {"source": str(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
+            "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "true_sequential": self.true_sequential,

@@ -17,7 +17,7 @@ def describe(out: Path) -> str:
     timings = body.get("timings", [])
     lines = [f"{out}: {body['command']} {body['state']}, {done} of {total} blocks done"]
     if timings:
-        per_block = sum(t["read"] + t["compute"] + t["write"] for t in timings) / len(timings)
+        per_block = sum(sum(v for k, v in t.items() if k != "block") for t in timings) / len(timings)
         lines.append(f"  mean time per block: {per_block:.1f}s")
         if body["state"] != "complete":
             lines.append(f"  left: {total - done} blocks, about {per_block * (total - done) / 60:.1f} min")
