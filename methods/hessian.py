@@ -9,6 +9,7 @@ import torch
 log = logging.getLogger("layerpress")
 
 MAX_DAMPING_STEPS = 8
+FIRST_RETRY_DAMPING = 1e-3  # where escalation starts when no damping was asked for
 
 
 class NonInvertibleHessian(ValueError):
@@ -42,6 +43,7 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float) -> tuple[torch.Tenso
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, damping
-        log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damping, damping * 10)
-        damping *= 10
-    raise NonInvertibleHessian(f"the Hessian stays singular even with damping {damping / 10:.3g}")
+        raised = max(damping * 10, FIRST_RETRY_DAMPING)
+        log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damping, raised)
+        tried, damping = damping, raised
+    raise NonInvertibleHessian(f"the Hessian stays singular even with damping {tried:.3g}")

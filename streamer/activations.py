@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .failpoints import failpoint
 from .files import guard_disk
 
 class ActivationBuffer:
@@ -42,7 +43,10 @@ class ActivationBuffer:
         temporary = path.with_name(path.name + ".tmp")
         with guard_disk(path):
             with open(temporary, "wb") as handle:
-                handle.write(memoryview(self.data.reshape(-1).view(torch.uint8).numpy()))
+                raw = memoryview(self.data.reshape(-1).view(torch.uint8).numpy())
+                handle.write(raw[: len(raw) // 2])
+                failpoint("inputs-save")  # dies with the next block's inputs half saved
+                handle.write(raw[len(raw) // 2 :])
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)

@@ -139,7 +139,8 @@ class Checkpoint:
         header, data_start = read_header(path)
         self._fingerprint.update(path.name.encode())
         self._fingerprint.update(json.dumps(header, sort_keys=True).encode())
-        self._fingerprint.update(str(path.stat().st_size).encode())
+        stat = path.stat()
+        self._fingerprint.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())  # a rewritten shard differs
         tensors = sorted(
             ((name, info) for name, info in header.items() if name != "__metadata__"),
             key=lambda item: item[1]["data_offsets"][0],
@@ -157,7 +158,10 @@ class Checkpoint:
                 raise LayerpressError(f"corrupt checkpoint: shard {path.name} lacks tensor {missing[0]!r} named in the index")
 
     def fingerprint(self) -> str:
-        """Identifies the checkpoint by its config, index and shard headers and sizes (cheap: no tensor bytes)."""
+        """Identifies the checkpoint by its config, index, shard headers, sizes and modification times.
+
+        Cheap (no tensor bytes are read), and any shard rewritten since changes it.
+        """
         return self._fingerprint.hexdigest()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:

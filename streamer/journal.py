@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LayerpressError
+from .failpoints import failpoint
 from .files import atomic_write
 from .writer import INDEX_FILE, PARTIAL_SUFFIX
 
@@ -181,16 +182,17 @@ class Run:
             else:
                 self.body[key] = value
         self.body["timings"].append({"block": index, **timing})
+        failpoint("before-journal")  # the block is durable but not yet recorded
         self.save()
+        failpoint("after-journal")  # recorded, the next block not yet started
         if stale is not None and stale != inputs_file and stale.parent == self.work:
             stale.unlink(missing_ok=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        stale = self.inputs_file
         self.body.update(state="complete", inputs=None, summary=summary)
         self.save()
-        if stale is not None and stale.parent == self.work:
-            stale.unlink(missing_ok=True)
+        for leftover in self.work.glob("inputs-*.bin*"):  # persisted activations, also of killed runs
+            leftover.unlink()
 
     def persisted_inputs_path(self, block: int) -> Path:
         return self.work / f"inputs-{block:05d}.bin"

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .activations import Activations
+from .failpoints import failpoint
 from .journal import Run
 from .model import BlockExtras, StagedModel
 
@@ -95,6 +96,7 @@ def stream_blocks(
         context = BlockContext(index, block, staged, acts, extras, options.device)
         context.timing["read"] = time.perf_counter() - clock
         record = process(context)
+        failpoint("before-propagate")
         clock = time.perf_counter()
         context.forward(keep_outputs=True)
         context.timing["propagate"] = time.perf_counter() - clock

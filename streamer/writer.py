@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import DTYPE_NAMES, INDEX_FILE
 from .errors import LayerpressError
+from .failpoints import failpoint
 from .files import atomic_write, fsync_directory, guard_disk
 
 PARTIAL_SUFFIX = ".partial"
@@ -112,6 +113,9 @@ class ShardWriter:
         """Resume the current shard: drop whatever was written after the journal's record, rehash the rest."""
         shard = self.order[self.state.written][0]
         path = self._path(shard, partial=True)
+        finished = self._path(shard, partial=False)
+        if not path.is_file() and finished.is_file():  # completed and renamed after the journal's last record
+            os.replace(finished, path)
         if not path.is_file() or path.stat().st_size < self.state.shard_bytes:
             raise LayerpressError(f"output shard {path} is missing or shorter than the journal records; use --restart")
         with guard_disk(path):
@@ -150,7 +154,10 @@ class ShardWriter:
         data = tensor_bytes(tensor)
         path = self._path(shard, partial=True)
         with guard_disk(path):
-            self._handle.write(data)
+            half = len(data) // 2
+            self._handle.write(data[:half])
+            failpoint("shard-write")  # dies with a tensor half written
+            self._handle.write(data[half:])
         self._hash.update(data)
         self.state.shard_bytes += spec.nbytes
         self.state.written += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on a model or data hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from streamer.data import DEFAULT_CALIBRATION  # noqa: E402
 

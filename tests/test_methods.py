@@ -1,0 +1,103 @@
+"""The maths of the pruning methods on single linear layers: no files, no schedule."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from methods import METHODS, Target
+from methods.hessian import NonInvertibleHessian, inverse_cholesky
+from methods.masks import lowest_in_rows, lowest_overall, n_of_m
+from methods.statistics import ColumnNorms, Gram
+
+
+def correlated_inputs(columns: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated features and a few large-magnitude ones, like real LLM activations."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5
+    scales = torch.ones(columns)
+    scales[:4] = 8.0
+    return (torch.randn(tokens, columns, generator=generator) @ mixing + 0.3) * scales
+
+
+def layer_with_statistics(method_name: str, inputs: torch.Tensor, rows: int = 48):
+    torch.manual_seed(1)
+    layer = nn.Linear(inputs.shape[1], rows, bias=False)
+    method = METHODS[method_name]()
+    statistic = method.statistic(layer)
+    if statistic is not None:
+        for chunk in inputs.split(100):
+            statistic.update(chunk)
+    return layer, method, statistic
+
+
+def reconstruction_error(method_name: str, target: Target, inputs: torch.Tensor) -> float:
+    layer, method, statistic = layer_with_statistics(method_name, inputs)
+    result = method.compress(layer, statistic, target)
+    return (inputs @ (layer.weight.detach() - result.weight).T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("target", [Target(sparsity=0.5), Target(sparsity=0.7), Target(pattern=(2, 4))])
+def test_sparsegpt_beats_wanda_beats_magnitude_on_reconstruction_error(target):
+    inputs = correlated_inputs(64, 2000)
+    errors = {name: reconstruction_error(name, target, inputs) for name in ("sparsegpt", "wanda", "magnitude")}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+def test_every_method_hits_its_target_exactly(name):
+    inputs = correlated_inputs(64, 500)
+    layer, method, statistic = layer_with_statistics(name, inputs)
+    result = method.compress(layer, statistic, Target(sparsity=0.5))
+    assert result.mask.sum().item() == pytest.approx(0.5 * result.weight.numel(), abs=1)
+    assert torch.equal(result.weight == 0, result.mask) and result.weight.dtype == layer.weight.dtype
+    patterned = method.compress(layer, statistic, Target(pattern=(2, 4)))
+    assert ((patterned.weight.reshape(48, -1, 4) == 0).sum(-1) == 2).all()
+    assert torch.equal(layer.weight, layer_with_statistics(name, inputs)[0].weight), "compress must not modify"
+
+
+def test_masks_prune_the_lowest_scores():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.1, 0.9, 0.7]])
+    assert lowest_in_rows(scores, 1).tolist() == [[False, True, False, False], [False, True, False, False]]
+    assert lowest_overall(scores, 3).tolist() == [[False, False, False, False], [True, True, False, True]]
+    assert n_of_m(scores, 2, 4).tolist() == [[False, True, False, True], [True, True, False, False]]
+
+
+def test_statistics_accumulate_over_micro_batches():
+    inputs = torch.randn(3, 10, 8)
+    layer = nn.Linear(8, 4)
+    gram, norms = Gram(layer), ColumnNorms(layer)
+    for batch in inputs:
+        gram.update(batch)
+        norms.update(batch)
+    flat = inputs.reshape(-1, 8)
+    torch.testing.assert_close(gram.hessian, 2 * flat.T @ flat / 30)
+    torch.testing.assert_close(norms.norms, flat.norm(dim=0))
+
+
+def test_singular_hessian_gets_more_damping_and_a_log_line(caplog):
+    vector = torch.ones(6, 1)
+    singular = vector @ vector.T  # rank one
+    with caplog.at_level(logging.WARNING, logger="layerpress"):
+        factor, damping = inverse_cholesky(singular, 0.0)
+    assert damping > 0 and torch.isfinite(factor).all()
+    assert "not positive definite" in caplog.text
+
+
+def test_non_finite_hessian_is_a_clear_error():
+    inputs = correlated_inputs(16, 100)
+    inputs[0, 0] = float("inf")
+    layer, method, statistic = layer_with_statistics("sparsegpt", inputs)
+    with pytest.raises(NonInvertibleHessian, match="non-finite"):
+        method.compress(layer, statistic, Target(sparsity=0.5))
+
+
+def test_dead_inputs_are_pruned_without_nan():
+    inputs = correlated_inputs(32, 300)
+    inputs[:, 5] = 0.0
+    layer, method, statistic = layer_with_statistics("sparsegpt", inputs)
+    result = method.compress(layer, statistic, Target(sparsity=0.5))
+    assert torch.isfinite(result.weight).all() and (result.weight[:, 5] == 0).all()
