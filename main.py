@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s layerpress: %(message)s",
+        format="%(asctime)s.%(msecs)03d layerpress: %(message)s",
         datefmt="%H:%M:%S",
     )
     import transformers

@@ -87,8 +87,10 @@ def stream_blocks(
         else:
             for batch in acts.batches():
                 acts.inputs.data[batch] = embedder.embed(windows[batch]).cpu()
-    if start:
-        log.info("resuming at block %d of %d", start + 1, staged.num_blocks)
+    log.info(
+        "%d windows of %d tokens ready; starting at block %d of %d%s", len(windows), windows.shape[1], start + 1,
+        staged.num_blocks, " (resumed)" if start else "",
+    )
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
     for index in range(start, staged.num_blocks):
         clock = time.perf_counter()
