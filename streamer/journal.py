@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from .errors import LayerpressError
 from .failpoints import failpoint
 from .files import atomic_write
 from .writer import INDEX_FILE, PARTIAL_SUFFIX
+
+log = logging.getLogger("layerpress")
 
 WORK_DIR = ".layerpress"
 JOURNAL_FILE = "journal.json"
@@ -99,6 +102,10 @@ class Run:
         if previous is not None:
             self._check_same(previous, command, settings, fingerprints)
             self.body = previous
+            changed = describe_differences(previous.get("versions", {}), library_versions())
+            if changed:
+                log.warning("resuming with other library versions (%s): later blocks may differ in the last bits",
+                            "; ".join(changed))
         else:
             self.body = {
                 "format": FORMAT,

@@ -157,19 +157,17 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
         groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
 
         def process(context: BlockContext) -> dict[str, Any]:
-            clock = time.perf_counter()
-            layers = compress_block(context, settings.method, groups, lambda name: settings.target)
-            context.timing["compress"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            for name, tensor in staged.block_state(context.index).items():
-                writer.write(name, tensor)
-            writer.sync()
-            context.timing["write"] = time.perf_counter() - clock
-            mean = sum(layers.values()) / max(len(layers), 1)
+            with context.phase("compress"):
+                layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+            with context.phase("write"):
+                for name, tensor in staged.block_state(context.index).items():
+                    writer.write(name, tensor)
+                writer.sync()
+            seconds = context.phase.seconds
             log.info(
                 "block %d/%d: read %.2fs, compress %.2fs, write %.2fs; sparsity %.2f%%",
-                context.index + 1, staged.num_blocks, context.timing["read"], context.timing["compress"],
-                context.timing["write"], 100 * mean,
+                context.index + 1, staged.num_blocks, seconds["read"], seconds["compress"], seconds["write"],
+                100 * sum(layers.values()) / max(len(layers), 1),
             )
             return {"writer": asdict(writer.state), "layers": layers}
 

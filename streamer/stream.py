@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,6 +34,23 @@ class StreamOptions:
     offload_dir: Path | None = None
 
 
+class Phases:
+    """Times the phases of one block, and shows the current one on the progress bar."""
+
+    def __init__(self, index: int, bar: tqdm):
+        self.index, self.bar = index, bar
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(f"block {self.index + 1}: {name}", refresh=True)
+        clock = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - clock
+
+
 @dataclass
 class BlockContext:
     """One block on the device, with its calibration inputs."""
@@ -43,7 +61,7 @@ class BlockContext:
     acts: Activations
     extras: dict[int, BlockExtras]
     device: torch.device
-    timing: dict[str, float] = field(default_factory=dict)
+    phase: Phases
 
     def forward(self, keep_outputs: bool = False) -> None:
         """Run every window through the block (keep_outputs: store the results as the next block's inputs)."""
@@ -93,23 +111,21 @@ def stream_blocks(
     )
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
     for index in range(start, staged.num_blocks):
-        clock = time.perf_counter()
-        block = staged.load_block(index)
-        context = BlockContext(index, block, staged, acts, extras, options.device)
-        context.timing["read"] = time.perf_counter() - clock
+        phase = Phases(index, bar)
+        with phase("read"):
+            block = staged.load_block(index)
+        context = BlockContext(index, block, staged, acts, extras, options.device, phase)
         record = process(context)
         failpoint("before-propagate")
-        clock = time.perf_counter()
-        context.forward(keep_outputs=True)
-        context.timing["propagate"] = time.perf_counter() - clock
+        with phase("propagate"):
+            context.forward(keep_outputs=True)
         staged.release_block(index)
         acts.swap()
         if run is not None:
-            clock = time.perf_counter()
-            inputs_file = _persist_inputs(acts, run, index + 1)
-            context.timing["persist"] = time.perf_counter() - clock
-            run.record_block(index, inputs_file, record, context.timing)
-        log.debug("block %d: %s", index, context.timing)
+            with phase("persist"):
+                inputs_file = _persist_inputs(acts, run, index + 1)
+            run.record_block(index, inputs_file, record, phase.seconds)
+        log.debug("block %d: %s", index, phase.seconds)
         bar.update(1)
     bar.close()
     return acts

@@ -115,3 +115,19 @@ def test_n_of_m_holds_in_every_group(tiny_checkpoints, tmp_path, calib_text, fam
             assert (zeros >= 2).all(), name
             checked += 1
     assert checked == 3 * len(adapter.linear_names)
+
+
+def test_compute_dtype_differs_but_output_keeps_the_checkpoint_dtypes(tiny_checkpoints, tokenizer, tmp_path, calib_text):
+    out = tmp_path / "out"
+    run_compress(tiny_checkpoints["llama"], out, calib_text, "--method", "sparsegpt", "--dtype", "bfloat16")
+    state = load_state(out)
+    assert {tensor.dtype for tensor in state.values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["layerpress"]["dtype"] == "bfloat16"
+
+    half = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["opt"], dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16", max_shard_size="40KB")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    run_compress(tmp_path / "bf16", tmp_path / "bf16-out", calib_text, "--method", "wanda")
+    state = load_state(tmp_path / "bf16-out")
+    assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16-out").dtype == torch.bfloat16
