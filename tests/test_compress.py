@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import main
-from methods import METHODS, Target
+from methods import METHODS, Method, Target
 from streamer.adapters import adapter_for
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
@@ -33,20 +33,10 @@ def load_state(directory) -> dict[str, torch.Tensor]:
     return state
 
 
-def target_of(pattern: str | None) -> Target:
-    return Target(pattern=(2, 4)) if pattern else Target(sparsity=0.5)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_streamed_equals_in_memory(tiny_checkpoints, tmp_path, calib_text, family, method, pattern):
-    model = tiny_checkpoints[family]
-    out = tmp_path / "out"
-    run_compress(model, out, calib_text, "--method", method, *(["--pattern", pattern] if pattern else []))
-
-    windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib_text)), NSAMPLES, SEQLEN, 0)
-    expected = compress_in_memory(model, METHODS[method](), target_of(pattern), windows)
+def assert_streamed_equals_in_memory(model, out, calib, method: Method, target: Target, **options) -> None:
+    """The streamed output in `out` equals the in-memory oracle (tests/reference.py), tensor by tensor."""
+    windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib)), NSAMPLES, SEQLEN, 0)
+    expected = compress_in_memory(model, method, target, windows, **options)
     streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     assert streamed.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -54,15 +44,22 @@ def test_streamed_equals_in_memory(tiny_checkpoints, tmp_path, calib_text, famil
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_streamed_equals_in_memory(tiny_checkpoints, tmp_path, calib_text, family, method, pattern):
+    model, out = tiny_checkpoints[family], tmp_path / "out"
+    run_compress(model, out, calib_text, "--method", method, *(["--pattern", pattern] if pattern else []))
+    target = Target(pattern=(2, 4)) if pattern else Target(sparsity=0.5)
+    assert_streamed_equals_in_memory(model, out, calib_text, METHODS[method](), target)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_true_sequential_equals_in_memory(tiny_checkpoints, tmp_path, calib_text, family):
-    model = tiny_checkpoints[family]
-    out = tmp_path / "out"
+    model, out = tiny_checkpoints[family], tmp_path / "out"
     run_compress(model, out, calib_text, "--method", "sparsegpt", "--true-sequential")
-    windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib_text)), NSAMPLES, SEQLEN, 0)
-    expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(sparsity=0.5), windows, true_sequential=True)
-    streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert_streamed_equals_in_memory(
+        model, out, calib_text, METHODS["sparsegpt"](), Target(sparsity=0.5), true_sequential=True
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
