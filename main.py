@@ -74,6 +74,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="windows per block forward (default: 1)")
     parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
                         help="keep the activations in memory-mapped files in DIR instead of RAM")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="read each block only when it is needed, instead of during the previous block "
+                        "(saves one block of host RAM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +152,9 @@ def check_counts(args: argparse.Namespace) -> None:
 def stream_options(args: argparse.Namespace):
     from streamer.stream import StreamOptions
 
-    return StreamOptions(device=args.device, micro_batch=args.micro_batch, offload_dir=args.offload_activations)
+    return StreamOptions(
+        device=args.device, micro_batch=args.micro_batch, offload_dir=args.offload_activations, prefetch=args.prefetch
+    )
 
 
 def run_compress(args: argparse.Namespace) -> None:

@@ -139,13 +139,19 @@ class StagedModel:
         else:
             module._buffers[leaf] = tensor
 
-    def materialize(self, names: list[str]) -> None:
-        """Read the named tensors from the checkpoint onto the device, floating ones in the compute dtype."""
-        tensors = self.checkpoint.read(list(dict.fromkeys(self.checkpoint_names(names))))
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors' bytes from disk, keyed by checkpoint name (touches no module: fine on a thread)."""
+        return self.checkpoint.read(list(dict.fromkeys(self.checkpoint_names(names))))
+
+    def place(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Put tensors read by `read` into the skeleton on the device, floating ones in the compute dtype."""
         for name in names:
             tensor = tensors[self._names[name]]
             dtype = self.dtype if tensor.dtype.is_floating_point else tensor.dtype
             self._set(name, tensor.to(device=self.device, dtype=dtype))
+
+    def materialize(self, names: list[str]) -> None:
+        self.place(names, self.read(names))
 
     def release(self, names: list[str]) -> None:
         """Turn the named tensors back into meta tensors, freeing their memory."""
@@ -153,8 +159,12 @@ class StagedModel:
         for name in names:
             self._set(name, torch.empty_like(state[name], device="meta"))
 
-    def load_block(self, index: int) -> nn.Module:
-        self.materialize(self.block_names(index))
+    def read_block(self, index: int) -> dict[str, torch.Tensor]:
+        return self.read(self.block_names(index))
+
+    def load_block(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Materialize block `index` (from `tensors` if `read_block` already read them) and return it."""
+        self.place(self.block_names(index), self.read_block(index) if tensors is None else tensors)
         return self.blocks[index]
 
     def release_block(self, index: int) -> None:

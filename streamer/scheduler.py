@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -149,29 +150,38 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
     writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
+    groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
     try:
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
             name = non_block[writer.state.written]
             writer.write(name, staged.checkpoint.read([name])[name])
-        groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-writer") as background:
+            pending: list[Future[float]] = []
 
-        def process(context: BlockContext) -> dict[str, Any]:
-            with context.phase("compress"):
-                layers = compress_block(context, settings.method, groups, lambda name: settings.target)
-            with context.phase("write"):
-                for name, tensor in staged.block_state(context.index).items():
+            def write(tensors: dict[str, torch.Tensor]) -> float:
+                clock = time.perf_counter()
+                for name, tensor in tensors.items():
                     writer.write(name, tensor)
                 writer.sync()
-            seconds = context.phase.seconds
-            log.info(
-                "block %d/%d: read %.2fs, compress %.2fs, write %.2fs; sparsity %.2f%%",
-                context.index + 1, staged.num_blocks, seconds["read"], seconds["compress"], seconds["write"],
-                100 * sum(layers.values()) / max(len(layers), 1),
-            )
-            return {"writer": asdict(writer.state), "layers": layers}
+                return time.perf_counter() - clock
 
-        stream_blocks(staged, windows, settings.stream, process, run, desc="compress")
+            def process(context: BlockContext) -> dict[str, Any]:
+                """Compress the block, then write it on the writer thread while the loop propagates through it."""
+                with context.phase("compress"):
+                    layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+                pending.append(background.submit(write, staged.block_state(context.index)))
+                log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
+                         100 * sum(layers.values()) / max(len(layers), 1), len(layers))
+                return {"layers": layers}
+
+            def settle(context: BlockContext) -> dict[str, Any]:
+                """Wait until the block is on disk (the journal may then record it)."""
+                with context.phase("write wait"):
+                    context.phase.seconds["write"] = pending.pop().result()
+                return {"writer": asdict(writer.state)}
+
+            stream_blocks(staged, windows, settings.stream, process, run, desc="compress", settle=settle)
         config = dict(staged.checkpoint.config)
         config["layerpress"] = {**record, "layer_sparsity": run.body["layers"]}
         atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,13 @@ log = logging.getLogger("layerpress")
 
 @dataclass
 class StreamOptions:
+    """device: where blocks run; micro_batch: windows per forward; offload_dir: activations in files there;
+    prefetch: read block i + 1 from disk on a background thread while block i is processed."""
+
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     micro_batch: int = 1
     offload_dir: Path | None = None
+    prefetch: bool = True
 
 
 class Phases:
@@ -87,11 +92,14 @@ def stream_blocks(
     process: Callable[[BlockContext], dict[str, Any]],
     run: Run | None = None,
     desc: str = "blocks",
+    settle: Callable[[BlockContext], dict[str, Any]] | None = None,
 ) -> Activations:
     """Pass `windows` through every block, calling `process` on each block before propagating through it.
 
     `process` may change the block (its changes are what the next block sees) and returns what the journal should
-    record for the block. Returns the activations, whose inputs are then the last block's outputs.
+    record for the block. Work it leaves running in the background (writing the block) overlaps propagation;
+    `settle`, called after propagation and before the journal records the block, waits for it to be durable and
+    returns more to record. Returns the activations, whose inputs are then the last block's outputs.
     """
     acts = Activations(
         len(windows), windows.shape[1], staged.config.hidden_size, staged.dtype, options.micro_batch,
@@ -110,23 +118,35 @@ def stream_blocks(
         staged.num_blocks, " (resumed)" if start else "",
     )
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
-    for index in range(start, staged.num_blocks):
-        phase = Phases(index, bar)
-        with phase("read"):
-            block = staged.load_block(index)
-        context = BlockContext(index, block, staged, acts, extras, options.device, phase)
-        record = process(context)
-        failpoint("before-propagate")
-        with phase("propagate"):
-            context.forward(keep_outputs=True)
-        staged.release_block(index)
-        acts.swap()
-        if run is not None:
-            with phase("persist"):
-                inputs_file = _persist_inputs(acts, run, index + 1)
-            run.record_block(index, inputs_file, record, phase.seconds)
-        log.debug("block %d: %s", index, phase.seconds)
-        bar.update(1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-prefetch") as reader:
+        upcoming = reader.submit(staged.read_block, start) if options.prefetch and start < staged.num_blocks else None
+        for index in range(start, staged.num_blocks):
+            phase = Phases(index, bar)
+            with phase("read"):  # with prefetch: the time spent waiting for a read that ran during the last block
+                tensors = upcoming.result() if upcoming is not None else staged.read_block(index)
+                if upcoming is not None and index + 1 < staged.num_blocks:
+                    upcoming = reader.submit(staged.read_block, index + 1)
+                block = staged.load_block(index, tensors)
+            del tensors
+            context = BlockContext(index, block, staged, acts, extras, options.device, phase)
+            record = process(context)
+            failpoint("before-propagate")
+            with phase("propagate"):
+                context.forward(keep_outputs=True)
+            staged.release_block(index)
+            acts.swap()
+            if run is not None:
+                with phase("persist"):
+                    inputs_file = _persist_inputs(acts, run, index + 1)
+            if settle is not None:
+                record = {**record, **settle(context)}
+            if run is not None:
+                run.record_block(index, inputs_file, record, phase.seconds)
+            log.info(
+                "block %d/%d done: %s", index + 1, staged.num_blocks,
+                ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phase.seconds.items()),
+            )
+            bar.update(1)
     bar.close()
     return acts
 

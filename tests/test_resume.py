@@ -126,15 +126,15 @@ def test_corrupt_journal_is_detected(tiny_checkpoints, tmp_path, calib_text, cap
     assert main.main([*argv, "--restart"]) == 0
 
 
-def test_offloaded_activations_give_the_same_output(tiny_checkpoints, tmp_path, calib_text):
+@pytest.mark.parametrize("variant", ["offloaded activations", "no prefetch"])
+def test_io_variants_give_the_same_output(tiny_checkpoints, tmp_path, calib_text, variant):
     model = tiny_checkpoints["opt"]
-    in_ram, offloaded = tmp_path / "ram", tmp_path / "offloaded"
-    assert main.main(compress_argv(model, in_ram, calib_text, "--method", "sparsegpt")) == 0
-    argv = compress_argv(model, offloaded, calib_text, "--method", "sparsegpt",
-                         "--offload-activations", str(tmp_path / "acts"))
-    assert main.main(argv) == 0
-    assert output_digest(in_ram) == output_digest(offloaded)
-    assert not list((tmp_path / "acts").glob("*.bin")), "offloaded activations are removed at the end"
+    plain, varied = tmp_path / "plain", tmp_path / "varied"
+    assert main.main(compress_argv(model, plain, calib_text, "--method", "sparsegpt")) == 0
+    extra = ["--offload-activations", str(tmp_path / "acts")] if variant == "offloaded activations" else ["--no-prefetch"]
+    assert main.main(compress_argv(model, varied, calib_text, "--method", "sparsegpt", *extra)) == 0
+    assert output_digest(plain) == output_digest(varied)
+    assert not list(tmp_path.glob("acts/*.bin")), "offloaded activations are removed at the end"
 
 
 def test_status_reports_progress(tiny_checkpoints, tmp_path, calib_text, capsys):
