@@ -11,8 +11,7 @@ What each phase holds at its peak, besides the process itself and the activation
     embed      the pre-block stage and one micro-batch through it
     read       the block arriving (and its stored copy, when it goes to a GPU or changes dtype)
     observe    the block, the statistics observed together, the forward's transients, a statistic's input copy
-    compress   the block, the statistics still waiting, one layer's working memory (and, when statistics are
-               observed one layer at a time, the group's results held back until the group is done)
+    compress   the block, the statistics still waiting, one layer's working memory
     write      the block and its host copy in the stored dtypes
     propagate  the block and the forward's transients
     eval head  the final stage and one micro-batch of logits (when the output is evaluated)
@@ -59,9 +58,14 @@ DEVICE_MARGIN = 0.05
 ACTIVATION_PLACES = ("device", "host", "disk")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now: the baseline every phase adds to (torch, transformers, the skeleton)."""
+    return psutil.Process().memory_info().rss
+
+
 def gib(size: float) -> str:
     """A size as people read it: GiB, or MiB below one GiB."""
-    return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,6 @@ class LayerNeeds:
     linear: LinearShape
     statistic: int
     cost: LayerCost
-    weight: int  # the layer's weight in the compute dtype
 
 
 class Planner:
@@ -226,7 +229,7 @@ class Planner:
         self.prefetch = prefetch
         self.on_gpu = device_type != "cpu"
         if process_bytes is None:
-            process_bytes = psutil.Process().memory_info().rss
+            process_bytes = resident_bytes()
             if self.on_gpu and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
                 process_bytes += CUDA_HOST_RUNTIME_BYTES
         self.process_bytes = process_bytes
@@ -236,11 +239,11 @@ class Planner:
     def _needs(self, linear: LinearShape) -> LayerNeeds:
         method, dtype = self.workload.method, self.shapes.dtype
         if method is None:
-            return LayerNeeds(linear, 0, LayerCost(working_bytes=0), 0)
+            return LayerNeeds(linear, 0, LayerCost(working_bytes=0))
         statistic = method.statistic(nn.Linear(linear.columns, linear.rows, bias=False, device="meta", dtype=dtype))
         cost = method.layer_cost(linear.rows, linear.columns, dtype, self.workload.target)
         size = statistic.nbytes if statistic is not None else 0
-        return LayerNeeds(linear, size, cost, linear.rows * linear.columns * dtype.itemsize)
+        return LayerNeeds(linear, size, cost)
 
     def _statistic_dtype(self) -> torch.dtype | None:
         method = self.workload.method
@@ -312,17 +315,15 @@ class Planner:
         for group in self.shapes.groups:
             needs = [self.layers[name] for name in group]
             for index, layer in enumerate(needs):
-                held = sum(n.weight for n in needs[:index]) if choice.per_layer_statistics else 0
                 waiting = layer.statistic if choice.per_layer_statistics else sum(n.statistic for n in needs[index:])
                 factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
                 compress_peaks.append({
                     "statistics": waiting,
                     f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
-                    "results held back": held,
                 })
                 if choice.per_layer_statistics:
                     observe_peaks.append({
-                        "statistics": layer.statistic, "results held back": held, "forward transients": transient,
+                        "statistics": layer.statistic, "forward transients": transient,
                         "statistic input copy": tokens * layer.cost.update_bytes_per_token,
                     })
             if not choice.per_layer_statistics:

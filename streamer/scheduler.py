@@ -10,7 +10,7 @@ An observation stops each micro-batch's forward as soon as its layers have their
 
 Settings the user leaves open come from the memory plan (streamer/planner.py): the micro-batch, where the activation
 buffers live, and whether a group's statistics are observed together or, when they do not fit, one layer at a time
-(same inputs, same statistics, so the same output; the group's results are held back until the group is done).
+(same inputs, same statistics, so the same output).
 """
 
 from __future__ import annotations
@@ -142,32 +142,30 @@ def compress_block(
 ) -> dict[str, float]:
     """Compress every linear layer of the block in place, group by group; returns the sparsity per layer.
 
-    per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's),
-    keeping the compressed weights aside until the whole group is done, so that every layer is observed on the
-    same inputs as when the group is observed at once.
+    per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
+    The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
+    result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
     """
     linears = context.linears
     sparsity = {}
     for group in groups:
+        zeros = {}
         if per_layer_statistics:
-            results = {}
-            for name in group:
+            for name in reversed(group):
                 statistic = method.statistic(linears[name])
                 if statistic is not None:
                     observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
-                results[name] = _compressed_weight(context, method, name, statistic, target_for)
+                zeros[name] = _install(linears[name], _compressed_weight(context, method, name, statistic, target_for))
                 del statistic
         else:
             statistics = {name: method.statistic(linears[name]) for name in group}
             active = {name: stat for name, stat in statistics.items() if stat is not None}
             if active:
                 observe(linears, active, forward_until_observed(context), stop_early=True)
-            results = {}
             for name in group:  # each statistic is dropped as soon as its layer is done
                 weight = _compressed_weight(context, method, name, statistics.pop(name), target_for)
-                sparsity[context.layer_name(name)] = _install(linears[name], weight)
-        for name, weight in results.items():
-            sparsity[context.layer_name(name)] = _install(linears[name], weight)
+                zeros[name] = _install(linears[name], weight)
+        sparsity.update({context.layer_name(name): zeros[name] for name in group})
     return sparsity
 
 
