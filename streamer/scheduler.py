@@ -154,17 +154,23 @@ def compress_block(
             for name in reversed(group):
                 statistic = method.statistic(linears[name])
                 if statistic is not None:
-                    observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
-                zeros[name] = _install(linears[name], _compressed_weight(context, method, name, statistic, target_for))
+                    with context.phase("observe"):
+                        observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
+                with context.phase("compress"):
+                    zeros[name] = _install(linears[name], _compressed_weight(context, method, name, statistic,
+                                                                             target_for))
                 del statistic
         else:
             statistics = {name: method.statistic(linears[name]) for name in group}
-            active = {name: stat for name, stat in statistics.items() if stat is not None}
-            if active:
-                observe(linears, active, forward_until_observed(context), stop_early=True)
-            for name in group:  # each statistic is dropped as soon as its layer is done
-                weight = _compressed_weight(context, method, name, statistics.pop(name), target_for)
-                zeros[name] = _install(linears[name], weight)
+            if any(stat is not None for stat in statistics.values()):
+                with context.phase("observe"):
+                    active = {name: stat for name, stat in statistics.items() if stat is not None}
+                    observe(linears, active, forward_until_observed(context), stop_early=True)
+                    del active  # only `statistics` may hold them: each goes once its layer is done
+            with context.phase("compress"):
+                for name in group:  # each statistic is dropped as soon as its layer is done
+                    weight = _compressed_weight(context, method, name, statistics.pop(name), target_for)
+                    zeros[name] = _install(linears[name], weight)
         sparsity.update({context.layer_name(name): zeros[name] for name in group})
     return sparsity
 
@@ -278,17 +284,17 @@ def _compress(
         groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
 
         def process(context: BlockContext) -> dict[str, Any]:
-            with context.phase("compress"):
-                layers = compress_block(context, settings.method, groups, lambda name: settings.target,
-                                        plan.choice.per_layer_statistics)
+            layers = compress_block(context, settings.method, groups, lambda name: settings.target,
+                                    plan.choice.per_layer_statistics)
             with context.phase("write"):
                 for name, tensor in staged.block_state(context.index).items():
                     writer.write(name, tensor)
                 writer.sync()
             seconds = context.phase.seconds
             log.info(
-                "block %d/%d: read %.2fs, compress %.2fs, write %.2fs; sparsity %.2f%%",
-                context.index + 1, staged.num_blocks, seconds["read"], seconds["compress"], seconds["write"],
+                "block %d/%d: read %.2fs, observe %.2fs, compress %.2fs, write %.2fs; sparsity %.2f%%",
+                context.index + 1, staged.num_blocks, seconds["read"], seconds.get("observe", 0.0),
+                seconds["compress"], seconds["write"],
                 100 * sum(layers.values()) / max(len(layers), 1),
             )
             return {"writer": asdict(writer.state), "layers": layers}
