@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ when the same command is run again.
 
 EPILOG = """\
 examples:
+  python main.py plan --model IN --method sparsegpt --nsamples 128 --seqlen 2048 --device-memory 80GiB
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.5
   python main.py compress --model IN --out OUT --method wanda --pattern 2:4
   python main.py eval --model OUT --windows 32 --seqlen 512
@@ -61,22 +63,57 @@ def parse_device(text: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
+def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.device] = parse_device,
+               planned: bool = False) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--seqlen", type=int, default=2048,
                         help="tokens per window, capped at the model's maximum positions (default: 2048)")
-    parser.add_argument("--device", type=parse_device, default=torch.device(default_device),
+    parser.add_argument("--device", type=device, default=torch.device(default_device),
                         help=f"where blocks run: cpu or cuda (default here: {default_device})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype of the blocks (default: the checkpoint's); outputs keep the checkpoint's")
-    parser.add_argument("--micro-batch", type=int, default=1,
-                        help="windows per block forward (default: 1)")
+    parser.add_argument("--micro-batch", type=int, default=None if planned else 1,
+                        help="windows per block forward (default: " + ("the largest the memory plan fits)"
+                                                                       if planned else "1)"))
     parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
-                        help="keep the activations in memory-mapped files in DIR instead of RAM")
+                        help="keep the activations in memory-mapped files in DIR instead of RAM" + (
+                            " (default: on the device or in RAM when they fit, else in OUT/.layerpress/activations)"
+                            if planned else ""))
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="read each block only when it is needed, instead of during the previous block "
                         "(saves one block of host RAM)")
+
+
+def add_planning(parser: argparse.ArgumentParser) -> None:
+    """Options of the memory plan, shared by plan and compress."""
+    parser.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
+                        help="device memory to plan for, e.g. 80GiB (default: the device's total; on a CPU, the "
+                        "host memory)")
+    parser.add_argument("--host-memory", type=parse_size, default=None, metavar="SIZE",
+                        help="host memory to plan for, e.g. 64GiB (default: this machine's total)")
+    parser.add_argument("--statistics-per-layer", action="store_true",
+                        help="observe one layer at a time, holding one layer's statistics (e.g. Hessian) instead of "
+                        "a whole group's; same output, more forwards (default: only when a group's do not fit)")
+
+
+def add_method(parser: argparse.ArgumentParser) -> None:
+    """The method, its target and its own options, shared by plan and compress."""
+    parser.add_argument("--method", choices=sorted(METHODS), default="sparsegpt",
+                        help="; ".join(f"{name}: {cls.summary}" for name, cls in sorted(METHODS.items()))
+                        + " (default: sparsegpt)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of each layer's weights to prune, in [0, 1) (default: 0.5)")
+    target.add_argument("--pattern", type=parse_pattern, default=None, metavar="N:M",
+                        help="semi-structured sparsity: N zeros in every M consecutive weights, e.g. 2:4")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
+                        "through the already-compressed groups before it")
+    method_options = parser.add_argument_group("method options")
+    for cls in METHODS.values():
+        cls.add_arguments(method_options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,29 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune every linear layer of every transformer block, streaming one block at a time. "
         "Re-running the same command on a partial output resumes it.",
     )
-    add_common(compress)
+    add_common(compress, planned=True)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
-    compress.add_argument("--method", choices=sorted(METHODS), default="sparsegpt",
-                          help="; ".join(f"{name}: {cls.summary}" for name, cls in sorted(METHODS.items()))
-                          + " (default: sparsegpt)")
-    target = compress.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of each layer's weights to prune, in [0, 1) (default: 0.5)")
-    target.add_argument("--pattern", type=parse_pattern, default=None, metavar="N:M",
-                        help="semi-structured sparsity: N zeros in every M consecutive weights, e.g. 2:4")
+    add_method(compress)
     compress.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
                           help="calibration text: a file, a saved datasets directory, or a datasets spec "
                           "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
-    compress.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     compress.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
-    compress.add_argument("--true-sequential", action="store_true",
-                          help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
-                          "through the already-compressed groups before it")
     compress.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
     compress.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
-    method_options = compress.add_argument_group("method options")
-    for cls in METHODS.values():
-        cls.add_arguments(method_options)
+    add_planning(compress)
+
+    plan = commands.add_parser(
+        "plan", help="will a compress run fit, with which settings, and how long will it take",
+        description="Predict, from config.json and the shard headers alone, the peak device and host memory of every "
+        "phase of a compress run, the settings that fit (micro-batch, where the activations live, statistics "
+        "per group or per layer), and its wall time from this machine's measured throughput (a few seconds of "
+        "matmul, Cholesky, copy and disk probes, or figures from --speed). A run that cannot fit is refused "
+        "with the reason (exit 1).",
+    )
+    add_common(plan, device=torch.device, planned=True)
+    add_method(plan)
+    add_planning(plan)
+    plan.add_argument("--speed", type=Path, default=None, metavar="FILE",
+                      help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
+    plan.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
 
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
@@ -153,17 +192,28 @@ def stream_options(args: argparse.Namespace):
     from streamer.stream import StreamOptions
 
     return StreamOptions(
-        device=args.device, micro_batch=args.micro_batch, offload_dir=args.offload_activations, prefetch=args.prefetch
+        device=args.device, micro_batch=args.micro_batch or 1, offload_dir=args.offload_activations,
+        prefetch=args.prefetch,
     )
+
+
+def make_method(args: argparse.Namespace):
+    try:
+        return METHODS[args.method].from_args(args)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
+
+
+def budget(args: argparse.Namespace):
+    from streamer.planner import Budget
+
+    return Budget.of_machine(args.device, args.device_memory, args.host_memory)
 
 
 def run_compress(args: argparse.Namespace) -> None:
     from streamer.scheduler import CompressSettings, compress
 
-    try:
-        method = METHODS[args.method].from_args(args)
-    except ValueError as exc:
-        raise LayerpressError(str(exc)) from exc
+    method = make_method(args)
     settings = CompressSettings(
         model=args.model,
         out=args.out,
@@ -178,8 +228,39 @@ def run_compress(args: argparse.Namespace) -> None:
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
         stream=stream_options(args),
+        micro_batch=args.micro_batch,
+        statistics_per_layer=args.statistics_per_layer,
+        budget=budget(args),
     )
     compress(settings)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from streamer.checkpoint import Checkpoint
+    from streamer.data import capped_seqlen
+    from streamer.model import StagedModel
+    from streamer.planner import ModelShapes, Planner, Speed, Workload, probe_speed
+
+    checkpoint = Checkpoint(args.model)
+    staged = StagedModel(checkpoint, torch.device("cpu"), DTYPES[args.dtype] if args.dtype else None)
+    workload = Workload(make_method(args), make_target(args), args.nsamples, capped_seqlen(args.seqlen, checkpoint.config))
+    planner = Planner(ModelShapes.of(staged, args.true_sequential), workload, args.device.type, budget(args),
+                      prefetch=args.prefetch)
+    plan = planner.choose(
+        micro_batch=args.micro_batch,
+        activations="disk" if args.offload_activations is not None else None,
+        per_layer_statistics=True if args.statistics_per_layer else None,
+    )
+    if args.speed is not None:
+        plan.with_estimate(Speed.load(args.speed))
+    elif args.device.type == "cpu" or torch.cuda.is_available():
+        speed = probe_speed(args.device, staged.dtype)
+        if args.save_speed is not None:
+            speed.save(args.save_speed)
+        plan.with_estimate(speed)
+    print(plan.describe())
+    if plan.estimate is None:
+        print(f"time: no estimate ({args.device.type} is not on this machine: give --speed FILE, measured there)")
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -208,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         check_counts(args)
-        {"compress": run_compress, "eval": run_eval, "status": run_status}[args.command](args)
+        commands = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "status": run_status}
+        commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)
         return 1

@@ -50,6 +50,35 @@ class Statistic(ABC):
     def update(self, inputs: torch.Tensor) -> None:
         """inputs: one micro-batch of the layer's inputs, shape (..., in_features)."""
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the accumulator's tensors (also for one made on the meta device, as the planner does)."""
+        return sum(value.nbytes for value in vars(self).values() if isinstance(value, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What compressing one linear layer costs besides the layer and its statistic (see Method.layer_cost).
+
+    The memory planner (streamer/planner.py) sums these; the statistic's own size it measures from the statistic.
+    working_bytes: peak of the copies, factors, masks and the result while `compress` runs;
+    factored: side of the largest square matrix factorized in place (0: none); CUDA's solvers copy it once more;
+    matmul_flops, factor_flops: float32 matrix-product and factorization work of `compress`;
+    sequential_ops, sequential_bytes: small operations that must run one after another (a column sweep) and the
+        bytes they touch: they cost launch latency and memory bandwidth rather than flops;
+    update_flops_per_token, update_bytes_per_token: the statistic's work per calibration token, and the transient
+        copy of a micro-batch's inputs it makes.
+    """
+
+    working_bytes: int
+    factored: int = 0
+    matmul_flops: float = 0.0
+    factor_flops: float = 0.0
+    sequential_ops: int = 0
+    sequential_bytes: float = 0.0
+    update_flops_per_token: float = 0.0
+    update_bytes_per_token: int = 0
+
 
 class Method(ABC):
     """A compression method: settings in the constructor, per-layer maths in `compress`."""
@@ -76,3 +105,11 @@ class Method(ABC):
     @abstractmethod
     def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
         """The compressed layer for `target`; must not modify `layer`."""
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """Memory and work of `compress` on a (rows, columns) layer of `dtype` for `target`, for the planner.
+
+        The default is a generic guess (a float32 score, a selection of the same size and the result); methods
+        override it with their own accounting.
+        """
+        return LayerCost(working_bytes=rows * columns * (3 * 4 + dtype.itemsize))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import LayerResult, Method, Statistic, Target
-from .masks import select
+from .base import LayerCost, LayerResult, Method, Statistic, Target
+from .masks import select, selection_bytes
 
 
 @dataclass
@@ -36,3 +36,8 @@ class Magnitude(Method):
         weight = layer.weight.detach()
         mask = select(weight.float().abs(), target, per_row=self.scope == "row")
         return LayerResult(weight.masked_fill(mask, 0), mask)
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """|W| in float32, the selection, the result."""
+        selection = selection_bytes(rows, columns, target, per_row=self.scope == "row")
+        return LayerCost(working_bytes=rows * columns * (4 + dtype.itemsize) + selection)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import LayerResult, Method, Statistic, Target
-from .hessian import inverse_cholesky, prepare
+from .base import LayerCost, LayerResult, Method, Statistic, Target
+from .hessian import dead_inputs, inverse_cholesky
 from .masks import check_pattern, lowest_overall, n_of_m
 from .statistics import Gram
 
@@ -52,10 +52,27 @@ class SparseGPT(Method):
         check_pattern(target, layer.in_features)
         if target.pattern is not None and self.blocksize % target.pattern[1]:
             raise ValueError(f"sparsegpt blocksize {self.blocksize} must be a multiple of m = {target.pattern[1]}")
-        hessian, weight = prepare(statistic.hessian, layer.weight.detach().float())
-        factor, damping = inverse_cholesky(hessian, self.damping)
+        factor, damping = inverse_cholesky(statistic.gram, self.damping, statistic.scale)
+        weight = layer.weight.detach().to(torch.float32, copy=True)
+        weight[:, dead_inputs(statistic.gram)] = 0.0
         pruned, mask, loss = sweep(weight, factor, target, self.blocksize)
         return LayerResult(pruned.to(layer.weight.dtype), mask, {"loss": loss, "damping": damping})
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
+        product (up to the weight's size), or at the end the result in `dtype`; the column loop touches a
+        rows × blocksize tile about ten times per column."""
+        weight = rows * columns
+        return LayerCost(
+            working_bytes=4 * columns * columns + weight * max(9, 5 + dtype.itemsize),
+            factored=columns,
+            matmul_flops=float(rows) * columns * columns,
+            factor_flops=4.0 / 3.0 * float(columns) ** 3,
+            sequential_ops=10 * columns,
+            sequential_bytes=6.0 * weight * self.blocksize,
+            update_flops_per_token=2.0 * columns * columns,
+            update_bytes_per_token=0 if dtype == torch.float32 else 4 * columns,
+        )
 
 
 def sweep(

@@ -22,8 +22,18 @@ class Gram(Statistic):
         self.tokens += flat.shape[0]
 
     @property
+    def gram(self) -> torch.Tensor:
+        """XᵀX itself (not a copy): solvers scale it into their own working matrix, saving a copy of n² floats."""
+        return self._sum
+
+    @property
+    def scale(self) -> float:
+        """H = scale · XᵀX."""
+        return 2.0 / max(self.tokens, 1)
+
+    @property
     def hessian(self) -> torch.Tensor:
-        return self._sum * (2.0 / max(self.tokens, 1))
+        return self._sum * self.scale
 
 
 class ColumnNorms(Statistic):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .base import LayerResult, Method, Statistic, Target
-from .masks import select
+from .base import LayerCost, LayerResult, Method, Statistic, Target
+from .masks import select, selection_bytes
 from .statistics import ColumnNorms
 
 
@@ -25,3 +26,11 @@ class Wanda(Method):
         scores = weight.float().abs() * statistic.norms.unsqueeze(0)
         mask = select(scores, target, per_row=True)
         return LayerResult(weight.masked_fill(mask, 0), mask)
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """The float32 scores, the selection, the result; the statistic squares each input (float32)."""
+        return LayerCost(
+            working_bytes=rows * columns * (4 + dtype.itemsize) + selection_bytes(rows, columns, target, per_row=True),
+            update_flops_per_token=2.0 * columns,
+            update_bytes_per_token=4 * columns * (1 if dtype == torch.float32 else 2),
+        )

@@ -1,7 +1,8 @@
 """The calibration activations between two blocks: two buffers (inputs, outputs), walked in micro-batches.
 
-A buffer lives in RAM, or in a memory-mapped file (--offload-activations) so that host RAM holds only the slices
-being read or written while the page cache holds the rest.
+A buffer lives on the compute device when it fits there (no host-device copies between blocks), in host RAM, or in
+a memory-mapped file (--offload-activations) so that host RAM holds only the slices being read or written while
+the page cache holds the rest. Saving and loading go through the host CHUNK bytes at a time.
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ import torch
 from .failpoints import failpoint
 from .files import guard_disk
 
-class ActivationBuffer:
-    """A (windows, seqlen, hidden) tensor in RAM or backed by a file."""
+CHUNK = 64 * 2**20  # bytes per host staging copy when saving or loading a buffer
 
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, path: Path | None = None):
+
+class ActivationBuffer:
+    """A (windows, seqlen, hidden) tensor on a device, in RAM, or backed by a file."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        path: Path | None = None,
+        device: torch.device | None = None,
+    ):
         self.shape, self.dtype, self.path = shape, dtype, path
         self._map: np.memmap | None = None
         if path is None:
-            self.data = torch.empty(shape, dtype=dtype)
+            self.data = torch.empty(shape, dtype=dtype, device=device or torch.device("cpu"))
             return
         nbytes = shape[0] * shape[1] * shape[2] * dtype.itemsize
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,15 +48,21 @@ class ActivationBuffer:
             with guard_disk(self.path):
                 self._map.flush()
 
+    def _bytes(self) -> torch.Tensor:
+        return self.data.reshape(-1).view(torch.uint8)
+
     def save(self, path: Path) -> None:
         """Persist the contents to `path` (temporary name, fsync, rename)."""
         temporary = path.with_name(path.name + ".tmp")
+        raw = self._bytes()
+        half = len(raw) // 2
         with guard_disk(path):
             with open(temporary, "wb") as handle:
-                raw = memoryview(self.data.reshape(-1).view(torch.uint8).numpy())
-                handle.write(raw[: len(raw) // 2])
-                failpoint("inputs-save")  # dies with the next block's inputs half saved
-                handle.write(raw[len(raw) // 2 :])
+                for begin, end in ((0, half), (half, len(raw))):
+                    for start in range(begin, end, CHUNK):  # a view on the host; a staged copy from a device
+                        handle.write(memoryview(raw[start : min(start + CHUNK, end)].cpu().numpy()))
+                    if begin == 0:
+                        failpoint("inputs-save")  # dies with the next block's inputs half saved
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
@@ -55,14 +71,21 @@ class ActivationBuffer:
         """Fill the buffer from a file written by `save` (or another buffer's backing file)."""
         if self.path is not None and path.resolve() == self.path.resolve():
             return
-        target = memoryview(self.data.reshape(-1).view(torch.uint8).numpy())
+        raw = self._bytes()
+        on_host = raw.device.type == "cpu"
+        staging = None if on_host else torch.empty(min(CHUNK, len(raw)), dtype=torch.uint8)
         with open(path, "rb") as handle:
-            done = 0
-            while done < len(target):
-                count = handle.readinto(target[done:])
-                if not count:
-                    raise OSError(f"{path} is shorter than the activations it should hold")
-                done += count
+            for start in range(0, len(raw), CHUNK):
+                end = min(start + CHUNK, len(raw))
+                chunk = raw[start:end] if on_host else staging[: end - start]
+                view, done = memoryview(chunk.numpy()), 0
+                while done < len(view):
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise OSError(f"{path} is shorter than the activations it should hold")
+                    done += count
+                if not on_host:
+                    raw[start:end].copy_(chunk)
 
 
 class Activations:
@@ -76,11 +99,13 @@ class Activations:
         dtype: torch.dtype,
         micro_batch: int = 1,
         offload_dir: Path | None = None,
+        device: torch.device | None = None,
     ):
+        """device: keep both buffers there (when they fit beside the block); None: host RAM or `offload_dir`."""
         shape = (windows, seqlen, hidden)
         paths = [None, None] if offload_dir is None else [offload_dir / f"activations-{i}.bin" for i in (0, 1)]
-        self.inputs = ActivationBuffer(shape, dtype, paths[0])
-        self.outputs = ActivationBuffer(shape, dtype, paths[1])
+        self.inputs = ActivationBuffer(shape, dtype, paths[0], device)
+        self.outputs = ActivationBuffer(shape, dtype, paths[1], device)
         self.micro_batch = max(1, micro_batch)
         self.windows = windows
 
@@ -97,12 +122,14 @@ class Activations:
         keep_outputs: bool = True,
         progress: Callable[[], None] | None = None,
     ) -> None:
-        """Apply `step` to every micro-batch of the inputs (on `device`); store its results as the outputs."""
+        """Apply `step` to every micro-batch of the inputs (on `device`); store its results as the outputs.
+
+        Buffers on `device` are used in place: no copy leaves the device."""
         with torch.no_grad():
             for batch in self.batches():
                 result = step(self.inputs.data[batch].to(device))
                 if keep_outputs:
-                    self.outputs.data[batch] = result.to(self.outputs.dtype).cpu()
+                    self.outputs.data[batch] = result.to(self.outputs.dtype)
                 if progress is not None:
                     progress()
 

@@ -198,11 +198,19 @@ class StagedModel:
             names += [n for n in self._names if n.startswith(path + ".")]
         return names
 
+    def pre_stage_names(self) -> list[str]:
+        """Model state-dict names of what the model computes before its first block (embeddings, positions)."""
+        final = set(self._final_names())
+        return [n for n in self._names if not n.startswith(self.adapter.blocks + ".") and n not in final]
+
+    def final_stage_names(self) -> list[str]:
+        """Model state-dict names of what follows the last block (final norm, head)."""
+        return self._final_names()
+
     @contextmanager
     def pre_stage(self) -> Iterator[Embedder]:
         """Materialize everything the model computes before its first block (embeddings, positions)."""
-        final = set(self._final_names())
-        names = [n for n in self._names if not n.startswith(self.adapter.blocks + ".") and n not in final]
+        names = self.pre_stage_names()
         self.materialize(names)
         try:
             yield Embedder(self)

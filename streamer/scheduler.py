@@ -6,6 +6,11 @@ Observe runs the calibration inputs through the block with hooks that feed each 
 method's statistics; compress replaces each layer's weight with the method's result; propagate runs the compressed
 block to make the next block's inputs. With --true-sequential, observe and compress run once per group of layers
 (q/k/v, then the output projection, ...), so each group sees inputs that already went through compressed groups.
+An observation stops each micro-batch's forward as soon as its layers have their inputs.
+
+Settings the user leaves open come from the memory plan (streamer/planner.py): the micro-batch, where the activation
+buffers live, and whether a group's statistics are observed together or, when they do not fit, one layer at a time
+(same inputs, same statistics, so the same output).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 from torch import nn
 
@@ -36,8 +42,9 @@ from .data import (
 )
 from .errors import LayerpressError
 from .files import atomic_write
-from .journal import Run
+from .journal import WORK_DIR, Run, read_journal
 from .model import StagedModel
+from .planner import Budget, ModelShapes, Plan, Planner, Workload
 from .stream import BlockContext, StreamOptions, stream_blocks
 from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
 
@@ -59,6 +66,9 @@ class CompressSettings:
     max_shard_bytes: int = 5 * 10**9
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
+    micro_batch: int | None = None  # None: the largest the plan fits (a resumed run keeps its own)
+    statistics_per_layer: bool = False  # force it; otherwise the plan turns it on when a group's do not fit
+    budget: Budget | None = None  # memory the plan may use; None: the machine's totals
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -76,10 +86,32 @@ class CompressSettings:
         }
 
 
-def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run_block: Callable[[], None]) -> None:
-    """Run the block once with every layer's inputs fed to its statistic."""
+class LayersObserved(Exception):
+    """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
+
+
+def observe(
+    linears: dict[str, nn.Linear],
+    statistics: dict[str, Statistic],
+    run_block: Callable[[], None],
+    stop_early: bool = False,
+) -> None:
+    """Run the block once with every layer's inputs fed to its statistic.
+
+    stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
+    each micro-batch, as `forward_until_observed` does).
+    """
+    waiting: set[str] = set(statistics)
+
+    def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
+        statistic.update(inputs)
+        waiting.discard(name)
+        if stop_early and not waiting:
+            waiting.update(statistics)
+            raise LayersObserved
+
     hooks = [
-        linears[name].register_forward_pre_hook(lambda _, args, stat=stat: stat.update(args[0]))
+        linears[name].register_forward_pre_hook(lambda _, args, name=name, stat=stat: feed(name, stat, args[0]))
         for name, stat in statistics.items()
     ]
     try:
@@ -89,28 +121,77 @@ def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run
             hook.remove()
 
 
+def forward_until_observed(context: BlockContext) -> Callable[[], None]:
+    """Run the block over every micro-batch, each forward stopped once the observed layers have their inputs."""
+
+    def step(hidden: torch.Tensor) -> None:
+        try:
+            context.staged.call_block(context.block, hidden, context.extras[hidden.shape[0]])
+        except LayersObserved:
+            pass
+
+    return lambda: context.acts.run(step, context.device, keep_outputs=False)
+
+
 def compress_block(
-    context: BlockContext, method: Method, groups: list[tuple[str, ...]], target_for: Callable[[str], Target]
+    context: BlockContext,
+    method: Method,
+    groups: list[tuple[str, ...]],
+    target_for: Callable[[str], Target],
+    per_layer_statistics: bool = False,
 ) -> dict[str, float]:
-    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer."""
+    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer.
+
+    per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
+    The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
+    result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
+    """
     linears = context.linears
     sparsity = {}
     for group in groups:
-        statistics = {name: method.statistic(linears[name]) for name in group}
-        active = {name: stat for name, stat in statistics.items() if stat is not None}
-        if active:
-            observe(linears, active, context.forward)
-        for name in group:
-            layer, full_name = linears[name], context.layer_name(name)
-            try:
-                result = method.compress(layer, statistics[name], target_for(full_name))
-            except ValueError as exc:
-                raise LayerpressError(f"{method.name} failed on {full_name}: {exc}") from exc
-            if not torch.isfinite(result.weight).all():
-                raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
-            layer.weight.data.copy_(result.weight)
-            sparsity[full_name] = (result.weight == 0).float().mean().item()
+        zeros = {}
+        if per_layer_statistics:
+            for name in reversed(group):
+                statistic = method.statistic(linears[name])
+                if statistic is not None:
+                    with context.phase("observe"):
+                        observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
+                with context.phase("compress"):
+                    zeros[name] = _install(linears[name], _compressed_weight(context, method, name, statistic,
+                                                                             target_for))
+                del statistic
+        else:
+            statistics = {name: method.statistic(linears[name]) for name in group}
+            if any(stat is not None for stat in statistics.values()):
+                with context.phase("observe"):
+                    active = {name: stat for name, stat in statistics.items() if stat is not None}
+                    observe(linears, active, forward_until_observed(context), stop_early=True)
+                    del active  # only `statistics` may hold them: each goes once its layer is done
+            with context.phase("compress"):
+                for name in group:  # each statistic is dropped as soon as its layer is done
+                    weight = _compressed_weight(context, method, name, statistics.pop(name), target_for)
+                    zeros[name] = _install(linears[name], weight)
+        sparsity.update({context.layer_name(name): zeros[name] for name in group})
     return sparsity
+
+
+def _compressed_weight(
+    context: BlockContext, method: Method, name: str, statistic: Statistic | None, target_for: Callable[[str], Target]
+) -> torch.Tensor:
+    full_name = context.layer_name(name)
+    try:
+        result = method.compress(context.linears[name], statistic, target_for(full_name))
+    except ValueError as exc:
+        raise LayerpressError(f"{method.name} failed on {full_name}: {exc}") from exc
+    if not torch.isfinite(result.weight).all():
+        raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
+    return result.weight
+
+
+def _install(layer: nn.Linear, weight: torch.Tensor) -> float:
+    """Write the compressed weight into the layer; returns its fraction of zeros."""
+    layer.weight.data.copy_(weight)
+    return torch.count_nonzero(weight == 0).item() / weight.numel()
 
 
 def output_specs(staged: StagedModel) -> list[TensorSpec]:
@@ -129,6 +210,7 @@ def compress(settings: CompressSettings) -> Path:
     checkpoint = Checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
+    plan = apply_plan(settings, staged, seqlen)
     tokenizer = load_tokenizer(settings.model)
     windows = calibration_windows(
         tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
@@ -140,13 +222,57 @@ def compress(settings: CompressSettings) -> Path:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record)
+            _compress(settings, staged, windows, run, record, plan)
     finally:
         run.close()
     return settings.out
 
 
-def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict) -> None:
+def apply_plan(settings: CompressSettings, staged: StagedModel, seqlen: int) -> Plan:
+    """Fill in the settings the user left open from the memory plan (explicit ones win), and log the choice.
+
+    Refuses (LayerpressError) a run that cannot fit. A resumed run keeps the micro-batch it started with, since the
+    micro-batch is part of its recorded settings.
+    """
+    planner = Planner(
+        ModelShapes.of(staged, settings.true_sequential),
+        Workload(settings.method, settings.target, settings.nsamples, seqlen),
+        settings.stream.device.type,
+        settings.budget or Budget.of_machine(settings.stream.device),
+        prefetch=settings.stream.prefetch,
+    )
+    plan = planner.choose(
+        micro_batch=settings.micro_batch or _recorded_micro_batch(settings),
+        activations="disk" if settings.stream.offload_dir is not None else None,
+        per_layer_statistics=True if settings.statistics_per_layer else None,
+    )
+    choice = plan.choice
+    offload_dir = settings.stream.offload_dir
+    if offload_dir is None and choice.activations == "disk":
+        offload_dir = settings.out / WORK_DIR / "activations"
+    settings.stream = replace(
+        settings.stream, micro_batch=choice.micro_batch, offload_dir=offload_dir,
+        activations_on_device=choice.activations == "device",
+    )
+    log.info("plan: %s", plan.summary())
+    available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    if plan.host_peak > available:
+        log.warning("the plan needs %.1f GiB of host memory, but only %.1f GiB is free now: the run may be killed",
+                    plan.host_peak / 2**30, available / 2**30)
+    return plan
+
+
+def _recorded_micro_batch(settings: CompressSettings) -> int | None:
+    """The micro-batch of the partial run in `settings.out` that this run resumes, if any."""
+    if settings.restart or not (settings.out / WORK_DIR).is_dir():
+        return None
+    body = read_journal(settings.out)
+    return body["settings"].get("micro_batch") if body is not None else None
+
+
+def _compress(
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan
+) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
     writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
@@ -168,8 +294,8 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
 
             def process(context: BlockContext) -> dict[str, Any]:
                 """Compress the block, then write it on the writer thread while the loop propagates through it."""
-                with context.phase("compress"):
-                    layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+                layers = compress_block(context, settings.method, groups, lambda name: settings.target,
+                                        plan.choice.per_layer_statistics)
                 pending.append(background.submit(write, staged.block_state(context.index)))
                 log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
                          100 * sum(layers.values()) / max(len(layers), 1), len(layers))

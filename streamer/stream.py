@@ -37,6 +37,7 @@ class StreamOptions:
     micro_batch: int = 1
     offload_dir: Path | None = None
     prefetch: bool = True
+    activations_on_device: bool = False  # both activation buffers on `device` (the memory plan says when they fit)
 
 
 class Phases:
@@ -103,7 +104,7 @@ def stream_blocks(
     """
     acts = Activations(
         len(windows), windows.shape[1], staged.config.hidden_size, staged.dtype, options.micro_batch,
-        options.offload_dir,
+        options.offload_dir, options.device if options.activations_on_device else None,
     )
     start = run.blocks_done if run is not None else 0
     with staged.pre_stage() as embedder:
@@ -112,7 +113,7 @@ def stream_blocks(
             acts.inputs.load(run.inputs_file)
         else:
             for batch in acts.batches():
-                acts.inputs.data[batch] = embedder.embed(windows[batch]).cpu()
+                acts.inputs.data[batch] = embedder.embed(windows[batch])
     log.info(
         "%d windows of %d tokens ready; starting at block %d of %d%s", len(windows), windows.shape[1], start + 1,
         staged.num_blocks, " (resumed)" if start else "",

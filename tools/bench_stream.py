@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,14 +29,35 @@ PROTOCOL_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--seed", "0"]
 PROTOCOL_EVALUATION = ["--seqlen", "512", "--windows", "32"]
 
 
-def run_measured(argv: list[str]) -> dict:
-    """Run `python main.py ARGV`: wall seconds, peak RSS of exactly that child (os.wait4 on its pid), output."""
+def run_measured(argv: list[str], niceness: int = 0, min_available: int | None = None) -> dict:
+    """Run `python main.py ARGV`: wall seconds, peak RSS of exactly that child (os.wait4 on its pid), output.
+
+    niceness: run it at that lower priority; min_available: kill it if the machine's available memory drops
+    below this many bytes (the machine is shared), and fail saying so.
+    """
+    import psutil
+
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
     )
+    starved, finished = threading.Event(), threading.Event()
+
+    def watch() -> None:  # never reaps the child: os.wait4 below must get its rusage
+        while not finished.wait(0.5):
+            if psutil.virtual_memory().available < min_available:
+                starved.set()
+                os.kill(process.pid, 9)
+                return
+
+    if min_available is not None:
+        threading.Thread(target=watch, daemon=True).start()
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
+    finished.set()
+    if starved.is_set():
+        sys.exit(f"aborted: available memory fell under {min_available / 2**30:.1f} GiB: main.py {' '.join(argv)}")
     if status:
         sys.exit(f"failed: main.py {' '.join(argv)}\n{output[-3000:]}")
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024, "output": output}

@@ -1,0 +1,620 @@
+"""Will a run fit, and how long will it take? Predicted from config.json and the shard headers alone.
+
+`python main.py plan` prints the plan; `compress` asks it for the settings the user left open (the micro-batch,
+where the activation buffers live, whether a group's statistics are observed together or one layer at a time)
+and refuses a run that cannot fit. The model is counted, never loaded: shapes come from transformers' skeleton on
+the meta device (streamer/model.py), stored sizes from the shard headers, and what a method needs per layer from
+the method itself (`Statistic.nbytes` of a statistic made on the meta device, `Method.layer_cost`).
+
+What each phase holds at its peak, besides the process itself and the activation buffers where they live:
+
+    embed      the pre-block stage and one micro-batch through it
+    read       the block arriving (and its stored copy, when it goes to a GPU or changes dtype)
+    observe    the block, the statistics observed together, the forward's transients, a statistic's input copy
+    compress   the block, the statistics still waiting, one layer's working memory
+    write      the block and its host copy in the stored dtypes
+    propagate  the block and the forward's transients
+    eval head  the final stage and one micro-batch of logits (when the output is evaluated)
+
+With prefetch, every block phase also holds one block read ahead and one block being written behind (host).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+from torch import nn
+
+from methods import Method, Target
+from methods.base import LayerCost
+
+from .errors import LayerpressError
+from .model import StagedModel
+
+log = logging.getLogger("layerpress")
+
+GiB = 2**30
+# Transient memory of one block forward per token, in units of the compute dtype: hidden-sized and FFN-sized
+# tensors alive at once (residual, norm, q/k/v, attention output; FFN input, activation, product). Measured on a
+# CPU with OPT, Llama and BLOOM blocks (hidden 1024, FFN 4096, 4 x 512 tokens): 0.65-1.0 of this estimate.
+FORWARD_HIDDEN_COPIES, FORWARD_FFN_COPIES = 8, 4
+# Rows a GPU matmul needs to run at full speed; beyond this, bigger micro-batches only cost memory. On a CPU a
+# single window already keeps the cores busy, so the micro-batch stays 1 there.
+TOKENS_PER_FORWARD = {"cuda": 16384}
+# Assumptions for CUDA, which this planner cannot measure without the device: the context with cuBLAS/cuSOLVER
+# workspaces on the device, the CUDA libraries in host memory, and the caching allocator's fragmentation.
+CUDA_CONTEXT_BYTES = 1 * GiB
+CUDA_HOST_RUNTIME_BYTES = 2 * GiB
+DEVICE_MARGIN = 0.05
+ACTIVATION_PLACES = ("device", "host", "disk")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now: the baseline every phase adds to (torch, transformers, the skeleton)."""
+    return psutil.Process().memory_info().rss
+
+
+def gib(size: float) -> str:
+    """A size as people read it: GiB, or MiB below one GiB."""
+    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory a run may use, in bytes. On a CPU the device is the host: only `host` counts."""
+
+    device: int
+    host: int
+
+    @classmethod
+    def of_machine(cls, device: torch.device, device_memory: int | None = None, host_memory: int | None = None):
+        """The given sizes, else this machine's totals (totals, not what is free now: a plan must not change
+        between a run and its resume)."""
+        host = host_memory or psutil.virtual_memory().total
+        if device_memory is None:
+            if device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise LayerpressError("planning for cuda without a GPU here: give --device-memory")
+                device_memory = torch.cuda.mem_get_info(device)[1]
+            else:
+                device_memory = host
+        return cls(device=device_memory, host=host)
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    rows: int
+    columns: int
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the planner needs to know of a model: sizes from the meta skeleton and the shard headers."""
+
+    family: str
+    blocks: int
+    block_bytes: int  # the largest block, in the compute dtype
+    block_stored_bytes: int  # the same, as stored in the checkpoint
+    pre_stage_bytes: int
+    head_bytes: int
+    hidden: int
+    heads: int
+    vocab: int
+    linears: tuple[LinearShape, ...]  # in forward order
+    groups: tuple[tuple[str, ...], ...]  # observed and compressed together
+    dtype: torch.dtype  # compute dtype
+    converts: bool  # the compute dtype differs from a stored floating dtype (a copy at read and write)
+    eager_attention: bool  # attention scores materialized (seqlen² per head)
+
+    @classmethod
+    def of(cls, staged: StagedModel, true_sequential: bool = False) -> ModelShapes:
+        state = staged.model.state_dict(keep_vars=True)  # meta tensors: shapes only
+        entries = staged.checkpoint.entries
+        dtype = staged.dtype
+
+        def compute_bytes(names: list[str]) -> int:
+            return sum(state[n].numel() * (dtype if state[n].is_floating_point() else state[n].dtype).itemsize
+                       for n in names)
+
+        def stored_bytes(names: list[str]) -> int:
+            return sum(entries[n].nbytes for n in dict.fromkeys(staged.checkpoint_names(names)))
+
+        block_names = [staged.block_names(i) for i in range(staged.num_blocks)]
+        linears = tuple(
+            LinearShape(name, layer.out_features, layer.in_features)
+            for name, layer in staged.linears(staged.blocks[0]).items()
+        )
+        adapter = staged.adapter
+        config = staged.config
+        return cls(
+            family=adapter.name,
+            blocks=staged.num_blocks,
+            block_bytes=max(compute_bytes(names) for names in block_names),
+            block_stored_bytes=max(stored_bytes(names) for names in block_names),
+            pre_stage_bytes=compute_bytes(staged.pre_stage_names()),
+            head_bytes=compute_bytes(staged.final_stage_names()),
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            vocab=config.vocab_size,
+            linears=linears,
+            groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
+            dtype=dtype,
+            converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in entries.values()),
+            eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
+        )
+
+    @property
+    def ffn(self) -> int:
+        return max(linear.rows for linear in self.linears)
+
+    @property
+    def linear_parameters(self) -> int:
+        return sum(linear.rows * linear.columns for linear in self.linears)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run does: the method (None: a forward-only pass such as eval), its target, the calibration set."""
+
+    method: Method | None
+    target: Target
+    nsamples: int
+    seqlen: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The settings a plan decides."""
+
+    micro_batch: int
+    activations: str  # "device", "host" or "disk" (memory-mapped files)
+    per_layer_statistics: bool  # observe one layer at a time instead of a whole group at once
+
+    def describe(self, device_type: str) -> str:
+        where = {"device": f"on the {device_type}", "host": "in host RAM", "disk": "offloaded to disk"}
+        statistics = "one layer at a time" if self.per_layer_statistics else "a group of layers at a time"
+        return f"micro-batch {self.micro_batch}, activations {where[self.activations]}, statistics {statistics}"
+
+
+@dataclass
+class PhaseMemory:
+    """The peak of one phase: named parts on the device and on the host."""
+
+    name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    required: bool = True  # False: shown, but the run does not go through it (the head, for compress)
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass(frozen=True)
+class LayerNeeds:
+    """One linear layer's statistic and the method's cost for it, in bytes and work."""
+
+    linear: LinearShape
+    statistic: int
+    cost: LayerCost
+
+
+class Planner:
+    """Predicts each phase's peak memory for a choice of settings, and chooses the settings that fit."""
+
+    def __init__(
+        self,
+        shapes: ModelShapes,
+        workload: Workload,
+        device_type: str,
+        budget: Budget,
+        prefetch: bool = True,
+        process_bytes: int | None = None,
+    ):
+        self.shapes, self.workload, self.device_type, self.budget = shapes, workload, device_type, budget
+        self.prefetch = prefetch
+        self.on_gpu = device_type != "cpu"
+        if process_bytes is None:
+            process_bytes = resident_bytes()
+            if self.on_gpu and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+                process_bytes += CUDA_HOST_RUNTIME_BYTES
+        self.process_bytes = process_bytes
+        self.layers = {linear.name: self._needs(linear) for linear in shapes.linears}
+        self.statistic_dtype = self._statistic_dtype()
+
+    def _needs(self, linear: LinearShape) -> LayerNeeds:
+        method, dtype = self.workload.method, self.shapes.dtype
+        if method is None:
+            return LayerNeeds(linear, 0, LayerCost(working_bytes=0))
+        statistic = method.statistic(nn.Linear(linear.columns, linear.rows, bias=False, device="meta", dtype=dtype))
+        cost = method.layer_cost(linear.rows, linear.columns, dtype, self.workload.target)
+        size = statistic.nbytes if statistic is not None else 0
+        return LayerNeeds(linear, size, cost)
+
+    def _statistic_dtype(self) -> torch.dtype | None:
+        method = self.workload.method
+        if method is None:
+            return None
+        first = self.shapes.linears[0]
+        statistic = method.statistic(nn.Linear(first.columns, first.rows, bias=False, device="meta"))
+        tensors = [v for v in vars(statistic).values() if isinstance(v, torch.Tensor)] if statistic else []
+        return tensors[0].dtype if tensors else None
+
+    # ------------------------------------------------------------------ memory
+    def activation_buffer_bytes(self) -> int:
+        w = self.workload
+        return w.nsamples * w.seqlen * self.shapes.hidden * self.shapes.dtype.itemsize
+
+    def forward_transient(self, micro_batch: int) -> int:
+        s, seqlen = self.shapes, self.workload.seqlen
+        size = micro_batch * seqlen * s.dtype.itemsize * (FORWARD_HIDDEN_COPIES * s.hidden + FORWARD_FFN_COPIES * s.ffn)
+        if s.eager_attention:
+            size += micro_batch * s.heads * seqlen * seqlen * (s.dtype.itemsize + 4)
+        return size
+
+    def phases(self, choice: Choice) -> list[PhaseMemory]:
+        s, w = self.shapes, self.workload
+        tokens = choice.micro_batch * w.seqlen
+        buffers = 2 * self.activation_buffer_bytes()
+        staging = s.block_stored_bytes if self.on_gpu or s.converts else 0
+
+        def phase(name: str, on_device: dict[str, int], on_host: dict[str, int] | None = None) -> PhaseMemory:
+            device = {"activation buffers": buffers} if choice.activations == "device" else {}
+            if self.on_gpu:
+                device["CUDA context"] = CUDA_CONTEXT_BYTES
+            device.update(on_device)
+            host = {"process": self.process_bytes}
+            if choice.activations == "host":
+                host["activation buffers"] = buffers
+            host.update(on_host or {})
+            if not self.on_gpu:  # the device is the host: one pool
+                host.update({k: host.get(k, 0) + v for k, v in device.items()})
+                device = {}
+            return PhaseMemory(name, {k: v for k, v in device.items() if v}, {k: v for k, v in host.items() if v})
+
+        pipeline = {"block read ahead": s.block_stored_bytes, "block written behind": s.block_stored_bytes} \
+            if self.prefetch else {}
+        masks = {"block call masks": choice.micro_batch * w.seqlen * w.seqlen * 4}
+        block = {"block": s.block_bytes, **masks}
+        result = [
+            phase("embed", {"pre-block stage": s.pre_stage_bytes, "embedded micro-batch": 3 * tokens * s.hidden
+                            * s.dtype.itemsize}),
+            phase("read", dict(block), {"block as stored": staging, **pipeline}),
+        ]
+        if w.method is not None:
+            observe, compress = self._statistics_peaks(choice, tokens)
+            result.append(phase("observe", {**block, **observe}, pipeline))
+            result.append(phase("compress", {**block, **compress}, pipeline))
+            result.append(phase("write", dict(block), {"block copy to write": staging, **pipeline}))
+        result.append(phase("propagate", {**block, "forward transients": self.forward_transient(choice.micro_batch)},
+                            pipeline))
+        logits = tokens * s.vocab * (s.dtype.itemsize + 4 + 4)  # logits, in float32, log-softmax
+        head = phase("eval head", {"final stage": s.head_bytes, "logits of a micro-batch": logits})
+        head.required = w.method is None
+        return result + [head]
+
+    def _statistics_peaks(self, choice: Choice, tokens: int) -> tuple[dict[str, int], dict[str, int]]:
+        """The largest observe and compress parts over every group and layer, as the scheduler holds them."""
+        transient = self.forward_transient(choice.micro_batch)
+        observe_peaks: list[dict[str, int]] = []
+        compress_peaks: list[dict[str, int]] = []
+        for group in self.shapes.groups:
+            needs = [self.layers[name] for name in group]
+            for index, layer in enumerate(needs):
+                waiting = layer.statistic if choice.per_layer_statistics else sum(n.statistic for n in needs[index:])
+                factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
+                compress_peaks.append({
+                    "statistics": waiting,
+                    f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
+                })
+                if choice.per_layer_statistics:
+                    observe_peaks.append({
+                        "statistics": layer.statistic, "forward transients": transient,
+                        "statistic input copy": tokens * layer.cost.update_bytes_per_token,
+                    })
+            if not choice.per_layer_statistics:
+                observe_peaks.append({
+                    "statistics": sum(n.statistic for n in needs), "forward transients": transient,
+                    "statistic input copy": tokens * max(n.cost.update_bytes_per_token for n in needs),
+                })
+        return max(observe_peaks, key=lambda p: sum(p.values())), max(compress_peaks, key=lambda p: sum(p.values()))
+
+    def shortfall(self, phases: list[PhaseMemory]) -> str | None:
+        """Why these phases do not fit the budget (None: they fit)."""
+        for phase in (phase for phase in phases if phase.required):
+            for pool, parts, available in (("device", phase.device, self.usable_device), ("host", phase.host,
+                                                                                            self.budget.host)):
+                needed = sum(parts.values())
+                if needed > available:
+                    largest = sorted(parts.items(), key=lambda item: -item[1])[:3]
+                    return (f"{phase.name} needs {gib(needed)} of {pool} memory, {gib(available)} available "
+                            f"(largest: {', '.join(f'{name} {gib(size)}' for name, size in largest)})")
+        return None
+
+    @property
+    def usable_device(self) -> int:
+        return int(self.budget.device * (1 - DEVICE_MARGIN))
+
+    # ------------------------------------------------------------------ choice
+    def candidates(
+        self, micro_batch: int | None, activations: str | None, per_layer_statistics: bool | None
+    ) -> list[Choice]:
+        """Settings to try, best first: statistics of a group together (one forward for all), activations on the
+        device, then the host, then disk; for each, the largest useful micro-batch down to 1. Given settings are
+        kept as they are."""
+        w = self.workload
+        if per_layer_statistics is not None:
+            statistics = [per_layer_statistics]
+        else:
+            statistics = [False, True] if sum(1 for n in self.layers.values() if n.statistic) > 1 else [False]
+        places = [activations] if activations else [p for p in ACTIVATION_PLACES if self.on_gpu or p != "device"]
+        if micro_batch is not None:
+            sizes = [micro_batch]
+        else:
+            largest = max(1, min(w.nsamples, TOKENS_PER_FORWARD.get(self.device_type, 0) // w.seqlen))
+            sizes = [2**k for k in range(largest.bit_length() - 1, -1, -1)]
+        return [Choice(size, place, per_layer) for per_layer in statistics for place in places for size in sizes]
+
+    def choose(
+        self,
+        micro_batch: int | None = None,
+        activations: str | None = None,
+        per_layer_statistics: bool | None = None,
+    ) -> Plan:
+        """The first candidate whose every phase fits; a run that cannot fit is refused with the reason."""
+        reason = None
+        for choice in self.candidates(micro_batch, activations, per_layer_statistics):
+            phases = self.phases(choice)
+            reason = self.shortfall(phases)
+            if reason is None:
+                return Plan(self, choice, phases)
+        raise LayerpressError(f"the run cannot fit: {reason}, even with {choice.describe(self.device_type)}")
+
+
+# ---------------------------------------------------------------------- time
+@dataclass(frozen=True)
+class Speed:
+    """Measured throughput of a machine, for the time estimate."""
+
+    matmul: float  # FLOP/s of a matmul in the compute dtype, on the device
+    matmul32: float  # FLOP/s of a float32 matmul, on the device (statistics, sweeps)
+    factor: float  # FLOP/s of a float32 Cholesky factorization, on the device
+    op_latency: float  # seconds of one small operation on the device
+    bandwidth: float  # bytes/s an elementwise operation moves on the device
+    read: float  # bytes/s read from disk with a cold page cache
+    write: float  # bytes/s written to disk and fsynced
+    how: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Speed:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise LayerpressError(f"cannot read throughput figures from {path}: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+
+def _seconds(run: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
+    """The fastest of `repeats` timed runs, after a warm-up run."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _rate(
+    make: Callable[[int], Callable[[], object]], flops: Callable[[int], float], device: torch.device
+) -> tuple[float, int]:
+    """The best FLOP/s of an operation over growing sizes (large matrices run faster), stopping at the first size
+    that takes 0.05 s; returns the rate and the size that reached it."""
+    best, best_size = 0.0, 0
+    for size in (256, 512, 1024, 2048, 4096):
+        seconds = _seconds(make(size), device)
+        if flops(size) / seconds > best:
+            best, best_size = flops(size) / seconds, size
+        if seconds >= 0.05:
+            break
+    return best, best_size
+
+
+def probe_speed(device: torch.device, dtype: torch.dtype, scratch: Path | None = None) -> Speed:
+    """Measure this machine: matmuls, a Cholesky, small ops and copies on the device, a file on disk (~2-5 s)."""
+
+    def matmul(kind: torch.dtype) -> Callable[[int], Callable[[], object]]:
+        def make(size: int) -> Callable[[], object]:
+            a = torch.randn(size, size, device=device).to(kind)
+            return lambda: a @ a
+        return make
+
+    def cholesky(size: int) -> Callable[[], object]:
+        a = torch.randn(size, size, device=device)
+        spd = a @ a.T + size * torch.eye(size, device=device)
+        return lambda: torch.linalg.cholesky(spd)
+
+    matmul32_rate, matmul_size = _rate(matmul(torch.float32), lambda n: 2.0 * n**3, device)
+    matmul_rate = matmul32_rate if dtype == torch.float32 else _rate(matmul(dtype), lambda n: 2.0 * n**3, device)[0]
+    factor_rate, factor_size = _rate(cholesky, lambda n: n**3 / 3.0, device)
+    small = torch.zeros(1024, device=device)
+    latency = _seconds(lambda: [small.add_(1.0) for _ in range(200)], device) / 200
+    big = torch.zeros(2**25, device=device)
+    copy = torch.empty_like(big)
+    bandwidth = 2 * big.nbytes / _seconds(lambda: copy.copy_(big), device)
+    read, write, where = _disk_speed(scratch)
+    other = "" if dtype == torch.float32 else f" and {str(dtype).removeprefix('torch.')}"
+    how = (f"probed in this process on {device}: matmuls up to {matmul_size}² in float32{other}, Cholesky up to {factor_size}², 200 small ops, a 128 MiB copy; "
+           f"disk: 64 MiB written to {where} with fsync, evicted from the page cache and read back")
+    return Speed(matmul_rate, matmul32_rate, factor_rate, latency, bandwidth, read, write, how)
+
+
+def _disk_speed(scratch: Path | None, size: int = 64 * 2**20) -> tuple[float, float, str]:
+    directory = Path(scratch or tempfile.gettempdir())
+    data = os.urandom(1 << 20) * (size >> 20)
+    handle, name = tempfile.mkstemp(prefix="layerpress-probe-", dir=directory)
+    try:
+        started = time.perf_counter()
+        os.write(handle, data)
+        os.fsync(handle)
+        write = size / (time.perf_counter() - started)
+        os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.lseek(handle, 0, os.SEEK_SET)
+        started = time.perf_counter()
+        while os.read(handle, 1 << 24):
+            pass
+        read = size / (time.perf_counter() - started)
+    finally:
+        os.close(handle)
+        os.unlink(name)
+    return read, write, str(directory)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds per block of each phase, and the run's total."""
+
+    read: float
+    compute: float
+    write: float
+    persist: float
+    embed: float
+    blocks: int
+    prefetch: bool
+
+    @property
+    def per_block(self) -> float:
+        if self.prefetch:
+            return max(self.read, self.compute, self.write) + self.persist
+        return self.read + self.compute + self.write + self.persist
+
+    @property
+    def total(self) -> float:
+        return self.embed + self.blocks * self.per_block
+
+
+def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
+    """Work counted from the shapes (forward and statistic flops, the methods' own counts) over measured rates."""
+    s, w = planner.shapes, planner.workload
+    tokens = w.nsamples * w.seqlen
+    forward = tokens * (2.0 * s.linear_parameters + 4.0 * w.seqlen * s.hidden)
+    seconds = forward / speed.matmul  # propagate
+    if w.method is not None:
+        seconds += forward * _observed_fraction(planner, choice) / speed.matmul
+        for layer in planner.layers.values():
+            cost = layer.cost
+            seconds += (tokens * cost.update_flops_per_token + cost.matmul_flops) / speed.matmul32
+            seconds += cost.factor_flops / speed.factor
+            seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
+    buffer = planner.activation_buffer_bytes()
+    return Estimate(
+        read=s.block_stored_bytes / speed.read,
+        compute=seconds,
+        write=s.block_stored_bytes / speed.write if w.method is not None else 0.0,
+        persist=buffer / speed.write if w.method is not None else 0.0,
+        embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / speed.matmul,
+        blocks=s.blocks,
+        prefetch=planner.prefetch,
+    )
+
+
+def _observed_fraction(planner: Planner, choice: Choice) -> float:
+    """Block forwards spent observing: each observation stops once its layers have their inputs, so it costs the
+    share of the block's matmuls that come before the last of them."""
+    linears = planner.shapes.linears
+    before, total = {}, 0.0
+    for linear in linears:
+        before[linear.name] = total
+        total += linear.rows * linear.columns
+    if choice.per_layer_statistics:
+        return sum(before.values()) / total
+    return sum(max(before[name] for name in group) for group in planner.shapes.groups) / total
+
+
+# ---------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    planner: Planner
+    choice: Choice
+    phases: list[PhaseMemory]
+    estimate: Estimate | None = None
+    speed: Speed | None = None
+
+    def with_estimate(self, speed: Speed) -> Plan:
+        self.speed, self.estimate = speed, estimate_time(self.planner, self.choice, speed)
+        return self
+
+    @property
+    def device_peak(self) -> int:
+        return max(phase.device_peak for phase in self.phases)
+
+    @property
+    def host_peak(self) -> int:
+        return max(phase.host_peak for phase in self.phases)
+
+    def summary(self) -> str:
+        """One line for compress's log."""
+        pools = f"host peak {gib(self.host_peak)}"
+        if self.planner.on_gpu:
+            pools = f"device peak {gib(self.device_peak)}, " + pools
+        return f"{self.choice.describe(self.planner.device_type)}; predicted {pools}"
+
+    def describe(self) -> str:
+        p, s, w = self.planner, self.planner.shapes, self.planner.workload
+        method = w.method.name if w.method is not None else "forward only"
+        target = f"{w.target.pattern[0]}:{w.target.pattern[1]}" if w.target.pattern else f"{w.target.sparsity:.0%}"
+        budget = f"host {gib(p.budget.host)}"
+        if p.on_gpu:
+            budget = f"device {gib(p.budget.device)} ({gib(p.usable_device)} planned, {DEVICE_MARGIN:.0%} kept for "\
+                     f"the allocator), " + budget
+        buffer = p.activation_buffer_bytes()
+        largest = max(p.layers.values(), key=lambda n: n.statistic + n.cost.working_bytes)
+        lines = [
+            f"plan: {s.family}, {s.blocks} blocks, {method} {target}, {w.nsamples} x {w.seqlen} calibration, "
+            f"on {p.device_type} in {str(s.dtype).removeprefix('torch.')}; {budget}",
+            f"settings that fit: {self.choice.describe(p.device_type)}"
+            + (f"; statistics and solves in {str(p.statistic_dtype).removeprefix('torch.')}"
+               if p.statistic_dtype else ""),
+            f"sizes: largest block {gib(s.block_bytes)} ({gib(s.block_stored_bytes)} stored), activation buffers "
+            f"2 x {gib(buffer)}, largest layer {largest.linear.name} ({largest.linear.rows} x "
+            f"{largest.linear.columns}): statistic {gib(largest.statistic)}, method working memory "
+            f"{gib(largest.cost.working_bytes)}" + ("; prefetch: one block read ahead, one written behind"
+                                                     if p.prefetch else "; no prefetch"),
+            f"{'phase':10s} {'device peak':>12s} {'host peak':>10s}   largest parts",
+        ]
+        for phase in self.phases:
+            parts = phase.device if p.on_gpu else phase.host
+            top = ", ".join(f"{name} {gib(size)}" for name, size in sorted(parts.items(), key=lambda i: -i[1])[:4])
+            device = gib(phase.device_peak) if p.on_gpu else "(host)"
+            note = "" if phase.required else " (when the output is evaluated)"
+            lines.append(f"{phase.name:10s} {device:>12s} {gib(phase.host_peak):>10s}   {top}{note}")
+        if self.estimate is not None:
+            e = self.estimate
+            overlap = "read and write overlapped with compute" if e.prefetch else "read, compute, write in turn"
+            lines.append(
+                f"time: about {e.total / 3600:.2f} h = {e.blocks} blocks x {e.per_block:.1f} s (per block: read "
+                f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s; "
+                f"{overlap}) + embed {e.embed:.1f} s"
+            )
+            lines.append(f"throughput: {self.speed.how}")
+        return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Full-width block benchmarks: one block of a huge model's width, compressed for real, against the memory plan.
+
+    python tools/bench_fullwidth.py make opt --hidden 9216 --ffn 36864 --out runs/fullwidth/opt-66b-1block
+    python tools/bench_fullwidth.py make bloom --hidden 14336 --blocks 70 --shape-only --out runs/fullwidth/bloom-176b
+    python tools/bench_fullwidth.py run runs/fullwidth/opt-66b-1block --nsamples 8 --seqlen 256 --dtype bfloat16
+
+`make` saves a random-weight float16 checkpoint with transformers (sharded, a small BPE vocabulary trained on the
+bundled text), or with --shape-only only its config and shard headers over sparse files: enough for `plan`, which
+reads nothing else, for models too large to create (OPT-175B, BLOOM-176B).
+
+`run` compresses the checkpoint with SparseGPT 50% in a separate `main.py compress` process at lower priority,
+killed if the machine's available memory falls under 3 GiB (the machine is shared), after checking that the
+predicted peak is available. It reports the peak RSS of that process (wait4) against the peak the run's own plan
+predicted (logged by compress), the wall time, the seconds of each phase (from the run's journal), and the plan's
+time estimate for the same run on this machine; results go to OUT/fullwidth.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.bench_stream import journal, phase_shares, run_measured  # noqa: E402
+
+MIN_AVAILABLE = 3 * 2**30
+GiB = 2**30
+
+
+def model_config(family: str, hidden: int, ffn: int, blocks: int, vocab: int):
+    from transformers import BloomConfig, OPTConfig
+
+    heads = hidden // 128
+    if family == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=blocks,
+                         num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=hidden,
+                         dtype="float16")
+    if ffn != 4 * hidden:
+        sys.exit("bloom's MLP is 4 x hidden wide: leave --ffn out")
+    return BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=blocks, n_head=heads, dtype="float16")
+
+
+def make(family: str, hidden: int, ffn: int | None, blocks: int, out: Path, shape_only: bool, vocab: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(family, hidden, ffn or 4 * hidden, blocks, vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    if shape_only:
+        write_shape_only(config, out)
+        return
+    from tests.conftest import train_tokenizer
+
+    tokenizer = train_tokenizer(out)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(out, max_shard_size="2GB")
+    print(f"{out}: {sum(p.stat().st_size for p in out.glob('*.safetensors')) / GiB:.2f} GiB of float16 shards")
+
+
+def write_shape_only(config, out: Path, max_shard_bytes: int = 5 * 10**9) -> None:
+    """config.json and safetensors shards whose headers are real and whose data are holes (sparse files)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from streamer.checkpoint import INDEX_FILE
+    from streamer.writer import TensorSpec, encode_header, plan_shards, shard_file_name
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()
+             if name not in tied]
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map = {}
+    for index, group in enumerate(shards):
+        name = shard_file_name(index, len(shards))
+        header = encode_header(group)
+        with open(out / name, "wb") as handle:
+            handle.write(header)
+            handle.truncate(len(header) + sum(spec.nbytes for spec in group))
+        weight_map.update({spec.name: name for spec in group})
+    total = sum(spec.nbytes for spec in specs)
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config.save_pretrained(out)
+    print(f"{out}: shape only, {len(shards)} shards of holes, {total / GiB:.0f} GiB as float16")
+
+
+def predicted_peak(output: str) -> int:
+    match = re.search(r"plan: .*predicted host peak ([0-9.]+) (GiB|MiB)", output)
+    if not match:
+        sys.exit("the compress log has no plan line")
+    return int(float(match.group(1)) * (GiB if match.group(2) == "GiB" else 2**20))
+
+
+def run(model: Path, out: Path, nsamples: int, seqlen: int, dtype: str | None, extra: list[str]) -> dict:
+    import psutil
+    import torch
+
+    from methods import METHODS, Target
+    from streamer.checkpoint import Checkpoint
+    from streamer.model import StagedModel
+    from streamer.planner import Budget, ModelShapes, Planner, Workload
+
+    common = ["--model", str(model), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu",
+              "--method", "sparsegpt", "--sparsity", "0.5", *(["--dtype", dtype] if dtype else []), *extra]
+    staged = StagedModel(Checkpoint(model), torch.device("cpu"), getattr(torch, dtype) if dtype else None)
+    planner = Planner(ModelShapes.of(staged), Workload(METHODS["sparsegpt"](), Target(sparsity=0.5), nsamples, seqlen),
+                      "cpu", Budget.of_machine(torch.device("cpu")), prefetch=False)
+    needed = planner.choose().host_peak
+    available = psutil.virtual_memory().available
+    if available < needed + MIN_AVAILABLE:
+        sys.exit(f"not now: the run needs about {needed / GiB:.1f} GiB, {available / GiB:.1f} GiB is available")
+    plan = run_measured(["plan", *common, "--no-prefetch"])["output"]
+    print(plan, flush=True)
+    target = out / f"{model.name}-sparsegpt"
+    result = run_measured(["compress", *common, "--out", str(target), "--restart"], niceness=10,
+                          min_available=MIN_AVAILABLE)
+    body = journal(target)
+    predicted = predicted_peak(result["output"])
+    measured = result["peak_rss_mib"] * 2**20
+    record = {
+        "command": "python main.py compress " + " ".join(common),
+        "predicted_peak_gib": predicted / GiB,
+        "measured_peak_rss_gib": measured / GiB,
+        "prediction_error": (predicted - measured) / measured,
+        "wall_seconds": result["seconds"],
+        "per_block": phase_shares(body),
+        "plan": plan,
+    }
+    print(json.dumps({k: v for k, v in record.items() if k != "plan"}, indent=2))
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    making = commands.add_parser("make", help="save a random-weight (or shape-only) checkpoint")
+    making.add_argument("family", choices=("opt", "bloom"))
+    making.add_argument("--hidden", type=int, required=True)
+    making.add_argument("--ffn", type=int, default=None, help="MLP width (default: 4 x hidden)")
+    making.add_argument("--blocks", type=int, default=1)
+    making.add_argument("--vocab", type=int, default=50272, help="vocabulary of a shape-only checkpoint")
+    making.add_argument("--shape-only", action="store_true", help="headers over sparse files: for plan only")
+    making.add_argument("--out", type=Path, required=True)
+    running = commands.add_parser("run", help="compress one checkpoint, measured, against its plan")
+    running.add_argument("model", type=Path)
+    running.add_argument("--nsamples", type=int, default=8)
+    running.add_argument("--seqlen", type=int, default=256)
+    running.add_argument("--dtype", default=None, help="compute dtype (float16 matmuls crawl on most CPUs)")
+    running.add_argument("--out", type=Path, default=ROOT / "runs" / "fullwidth")
+    running.add_argument("extra", nargs="*", help="more compress options, after --")
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.family, args.hidden, args.ffn, args.blocks, args.out, args.shape_only, args.vocab)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = run(args.model, args.out, args.nsamples, args.seqlen, args.dtype, args.extra)
+    results_file = args.out / "fullwidth.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results[args.model.name] = record
+    results_file.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
