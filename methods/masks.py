@@ -46,3 +46,13 @@ def select(scores: torch.Tensor, target: Target, per_row: bool) -> torch.Tensor:
     if per_row:
         return lowest_in_rows(scores, int(scores.shape[1] * target.sparsity))
     return lowest_overall(scores, int(scores.numel() * target.sparsity))
+
+
+def select_count(rows: int, columns: int, target: Target, per_row: bool) -> int:
+    """How many weights `select` prunes in a rows × columns layer."""
+    if target.pattern is not None:
+        n, m = target.pattern
+        return rows * (columns // m) * n
+    if per_row:
+        return rows * int(columns * target.sparsity)
+    return int(rows * columns * target.sparsity)

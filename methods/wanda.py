@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .base import LayerResult, Method, Statistic, Target
-from .masks import select
+from .masks import select, select_count
 from .statistics import ColumnNorms
 
 
@@ -18,6 +18,9 @@ class Wanda(Method):
 
     def statistic(self, layer: nn.Linear) -> ColumnNorms:
         return ColumnNorms(layer)
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        return select_count(rows, columns, target, per_row=True)
 
     def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
         assert isinstance(statistic, ColumnNorms)

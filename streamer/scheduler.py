@@ -6,6 +6,7 @@ Observe runs the calibration inputs through the block with hooks that feed each 
 method's statistics; compress replaces each layer's weight with the method's result; propagate runs the compressed
 block to make the next block's inputs. With --true-sequential, observe and compress run once per group of layers
 (q/k/v, then the output projection, ...), so each group sees inputs that already went through compressed groups.
+Write hands each compressed layer to the output format (streamer/formats.py), planned before the first block.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from methods import Method, Target
+from methods import LayerResult, Method, Target
 from methods.base import Statistic
 
-from .checkpoint import Checkpoint
+from .decompress import open_checkpoint
 from .data import (
     calibration_windows,
     capped_seqlen,
@@ -35,6 +36,7 @@ from .data import (
 )
 from .errors import LayerpressError
 from .files import atomic_write
+from .formats import FORMATS, Format, LayerPlan, compressed_tensors_config
 from .journal import Run
 from .model import StagedModel
 from .stream import BlockContext, StreamOptions, stream_blocks
@@ -58,6 +60,7 @@ class CompressSettings:
     max_shard_bytes: int = 5 * 10**9
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
+    format: str = "dense"
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -66,6 +69,8 @@ class CompressSettings:
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
+            "quantization": asdict(self.target.quant) if self.target.quant else None,
+            "format": self.format,
             "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
@@ -90,10 +95,10 @@ def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run
 
 def compress_block(
     context: BlockContext, method: Method, groups: list[tuple[str, ...]], target_for: Callable[[str], Target]
-) -> dict[str, float]:
-    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer."""
+) -> dict[str, LayerResult]:
+    """Compress every linear layer of the block in place, group by group; returns the result per layer."""
     linears = context.linears
-    sparsity = {}
+    results = {}
     for group in groups:
         statistics = {name: method.statistic(linears[name]) for name in group}
         active = {name: stat for name, stat in statistics.items() if stat is not None}
@@ -108,30 +113,65 @@ def compress_block(
             if not torch.isfinite(result.weight).all():
                 raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
             layer.weight.data.copy_(result.weight)
-            sparsity[full_name] = (result.weight == 0).float().mean().item()
-    return sparsity
+            results[name] = result
+    return results
 
 
-def output_specs(staged: StagedModel) -> list[TensorSpec]:
+def layer_plans(staged: StagedModel, method: Method, target: Target) -> dict[str, LayerPlan]:
+    """What the output stage knows of every compressed weight up front, by checkpoint name."""
+    plans = {}
+    for index in range(staged.num_blocks):
+        for name in staged.linear_weight_names(index).values():
+            entry = staged.checkpoint.entries[name]
+            rows, columns = entry.shape
+            pruned = method.pruned_count(rows, columns, target)
+            kept = None if pruned is None else rows * columns - pruned
+            plans[name] = LayerPlan(name, entry.dtype, (rows, columns), staged.dtype, target.quant, kept)
+    return plans
+
+
+def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) -> list[TensorSpec]:
     """The output tensors in write order: everything outside the blocks first, then block by block."""
     entries = staged.checkpoint.entries
     names = staged.non_block_checkpoint_names()
     for index in range(staged.num_blocks):
         names += staged.block_checkpoint_names(index)
-    return [TensorSpec(name, entries[name].dtype, entries[name].shape) for name in names]
+    specs = []
+    for name in names:
+        specs += fmt.specs(plans[name]) if name in plans else [TensorSpec(name, entries[name].dtype, entries[name].shape)]
+    return specs
+
+
+def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan], record: dict) -> dict[str, Any]:
+    """config.json of the output: the input's, with the layerpress record and what a reader of `fmt` needs."""
+    config = dict(staged.checkpoint.config)
+    config["layerpress"] = dict(record)
+    if fmt.name != "dense":
+        config["layerpress"]["weight_dtype"] = str(next(iter(plans.values())).dtype).removeprefix("torch.")
+    if fmt.name == "packed":
+        quant = next(iter(plans.values())).quant
+        config["quantization_config"] = compressed_tensors_config(quant, staged.uncompressed_linear_modules())
+    return config
 
 
 def compress(settings: CompressSettings) -> Path:
     """Compress a checkpoint block by block into `settings.out`; resumes a partial run of the same settings."""
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
-    checkpoint = Checkpoint(settings.model)
+    checkpoint = open_checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
     tokenizer = load_tokenizer(settings.model)
     windows = calibration_windows(
         tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
     )
+    try:
+        settings.method.check(settings.target)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
+    fmt = FORMATS[settings.format]
+    plans = layer_plans(staged, settings.method, settings.target)
+    check_plans(fmt, plans)
     record = settings.record(seqlen, staged.dtype)
     fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)}
     run = Run(settings.out, "compress", record, fingerprints, staged.num_blocks, restart=settings.restart)
@@ -139,16 +179,27 @@ def compress(settings: CompressSettings) -> Path:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record)
+            _compress(settings, staged, windows, run, record, fmt, plans)
     finally:
         run.close()
     return settings.out
 
 
-def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict) -> None:
+def check_plans(fmt: Format, plans: dict[str, LayerPlan]) -> None:
+    """Refuse, before anything is written, a format that cannot hold these layers."""
+    for plan in plans.values():
+        fmt.check(plan)
+    if fmt.name != "dense" and len({plan.dtype for plan in plans.values()}) > 1:
+        raise LayerpressError(f"--format {fmt.name} needs all compressed weights in one dtype; use --format dense")
+
+
+def _compress(
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, fmt: Format,
+    plans: dict[str, LayerPlan],
+) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
-    writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
+    writer = ShardWriter(settings.out, output_specs(staged, fmt, plans), settings.max_shard_bytes, state)
     try:
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
@@ -158,12 +209,17 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
 
         def process(context: BlockContext) -> dict[str, Any]:
             clock = time.perf_counter()
-            layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+            results = compress_block(context, settings.method, groups, lambda name: settings.target)
             context.timing["compress"] = time.perf_counter() - clock
             clock = time.perf_counter()
+            by_weight = {weight: results[linear] for linear, weight in staged.linear_weight_names(context.index).items()}
             for name, tensor in staged.block_state(context.index).items():
-                writer.write(name, tensor)
+                parts = fmt.encode(plans[name], tensor, by_weight[name]) if name in plans else {name: tensor}
+                for part, value in parts.items():
+                    writer.write(part, value)
             writer.sync()
+            layers = {context.layer_name(linear): (result.weight == 0).float().mean().item()
+                      for linear, result in results.items()}
             context.timing["write"] = time.perf_counter() - clock
             mean = sum(layers.values()) / max(len(layers), 1)
             log.info(
@@ -174,8 +230,7 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
             return {"writer": asdict(writer.state), "layers": layers}
 
         stream_blocks(staged, windows, settings.stream, process, run, desc="compress")
-        config = dict(staged.checkpoint.config)
-        config["layerpress"] = {**record, "layer_sparsity": run.body["layers"]}
+        config = output_config(staged, fmt, plans, {**record, "layer_sparsity": run.body["layers"]})
         atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
         copy_side_files(settings.model, settings.out)
         writer.write_index()

@@ -1,0 +1,190 @@
+"""The OBS column sweep shared by SparseGPT and GPTQ: prune and/or quantize a layer column by column.
+
+Columns are visited left to right (or by descending Hessian diagonal with act-order). Each column is first pruned
+(its weights in the mask set to zero; the mask is chosen per block of columns from the OBS saliency w² / [H⁻¹]_jj²,
+or per m columns for N:M), then its kept weights are rounded onto the quantization grid; the error of both is spread
+over the columns not yet visited through the same row of the inverse-Hessian Cholesky factor, so the remaining
+weights compensate for it. Updates to columns beyond the current block are applied lazily, once per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import LayerResult, Method, Statistic, Target
+from .hessian import inverse_cholesky, prepare
+from .masks import check_pattern, lowest_overall, n_of_m
+from .quant import QuantRecord, QuantSpec, contiguous_groups, dequantize, fit, fit_groups, quantize
+from .statistics import Gram
+
+
+class SweepGrid:
+    """The quantization grid of one layer during a sweep, in sweep (visit) order.
+
+    Grids of whole rows, and of groups with act-order "weight" (groups of the original column order), are fitted
+    on the weight before the sweep; other groups are consecutive in visit order and fitted when the sweep reaches
+    their first column, on the weights as earlier columns' errors left them (GPTQ's lazy grouping).
+    """
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, order: torch.Tensor | None, dtype: torch.dtype):
+        rows, columns = weight.shape
+        self.spec, self.dtype = spec, dtype
+        natural = contiguous_groups(columns, spec).to(weight.device)
+        static = spec.groupsize is None or (order is not None and spec.act_order == "weight")
+        self.group = natural[order] if static and order is not None else natural  # group of each visit position
+        self.lazy = not static
+        self.scale = torch.ones(rows, spec.groups(columns), device=weight.device)
+        self.zero = torch.zeros(rows, spec.groups(columns), dtype=torch.int64, device=weight.device)
+        if static:
+            original = weight if order is None else weight[:, torch.argsort(order)]
+            self.scale, self.zero = fit_groups(original, spec, natural, dtype)
+        self.ints = torch.empty(rows, columns, dtype=torch.uint8, device=weight.device)
+
+    def group_width(self, position: int) -> int:
+        """Columns of the group that starts at visit `position` and must be fitted now (0: none starts here)."""
+        if not self.lazy or position % self.spec.groupsize:
+            return 0
+        return min(self.spec.groupsize, self.ints.shape[1] - position)
+
+    def fit_group(self, position: int, values: torch.Tensor) -> None:
+        group = int(self.group[position])
+        self.scale[:, group], self.zero[:, group] = fit(values, self.spec, self.dtype)
+
+    def round(self, position: int, values: torch.Tensor) -> torch.Tensor:
+        """Round one column onto its group's grid; records the integers, returns the values they stand for."""
+        group = int(self.group[position])
+        scale, zero = self.scale[:, group], self.zero[:, group]
+        self.ints[:, position] = quantize(values, scale, zero, self.spec)
+        return dequantize(self.ints[:, position], scale, zero)
+
+    def record(self, restore: torch.Tensor | None) -> QuantRecord:
+        """The grid in the original column order (`restore`: visit position of every original column)."""
+        ints, group = (self.ints, self.group) if restore is None else (self.ints[:, restore], self.group[restore])
+        return QuantRecord(self.spec, ints, self.scale.to(self.dtype), self.zero.to(torch.uint8), group)
+
+
+def sweep(
+    weight: torch.Tensor, factor: torch.Tensor, target: Target, blocksize: int, grid: SweepGrid | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The OBS column sweep. weight: float32 (rows, cols), modified in place; factor: upper Cholesky of H⁻¹.
+
+    Returns (compressed weight, prune mask, OBS loss estimate Σ (w − ŵ)² / [U]_jj² / 2).
+    """
+    rows, columns = weight.shape
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        block = weight[:, start:end].clone()
+        block_factor = factor[start:end, start:end]
+        diagonal = block_factor.diagonal()
+        errors = torch.zeros_like(block)
+        block_mask = mask[:, start:end]
+        if target.pattern is None:
+            saliency = block.pow(2) / diagonal.pow(2).unsqueeze(0)
+            block_mask[:] = lowest_overall(saliency, int(saliency.numel() * target.sparsity))
+        for column in range(end - start):
+            if target.pattern is not None and column % target.pattern[1] == 0:
+                n, m = target.pattern
+                window = block[:, column : column + m]
+                saliency = window.pow(2) / diagonal[column : column + m].pow(2).unsqueeze(0)
+                block_mask[:, column : column + m] = n_of_m(saliency, n, m)
+            values = block[:, column]
+            kept = values.masked_fill(block_mask[:, column], 0.0)
+            if grid is not None:
+                position = start + column
+                if width := grid.group_width(position):
+                    grid.fit_group(position, _current(weight, block, errors, factor, start, column, width))
+                kept = grid.round(position, kept)
+            error = (values - kept) / diagonal[column]
+            loss += error.double().pow(2).sum() / 2
+            block[:, column:] -= error.unsqueeze(1) * block_factor[column, column:].unsqueeze(0)
+            block[:, column] = kept
+            errors[:, column] = error
+        weight[:, start:end] = block
+        weight[:, end:] -= errors @ factor[start:end, end:]
+    return weight, mask, float(loss)
+
+
+def _current(
+    weight: torch.Tensor, block: torch.Tensor, errors: torch.Tensor, factor: torch.Tensor, start: int, column: int,
+    width: int,
+) -> torch.Tensor:
+    """The `width` columns from block column `column` on, with every error made so far applied (also the lazy
+    updates still pending for columns past the block)."""
+    inside = block[:, column : column + width]
+    beyond = start + column + width - (start + block.shape[1])
+    if beyond <= 0:
+        return inside
+    end = start + block.shape[1]
+    pending = errors[:, :column] @ factor[start : start + column, end : end + beyond]
+    return torch.cat([inside, weight[:, end : end + beyond] - pending], dim=1)
+
+
+@dataclass
+class HessianSweep(Method):
+    """A method built on the OBS sweep. blocksize: columns per lazy-update block (and per mask decision);
+    damping: λ as a fraction of mean diag H."""
+
+    blocksize: int = 128
+    damping: float = 0.01
+
+    quantizes = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--blocksize", type=int, default=128,
+                            help="sparsegpt, gptq: columns per lazy-update block and mask decision (default: 128)")
+        parser.add_argument("--damping", type=float, default=0.01,
+                            help="sparsegpt, gptq: Hessian damping as a fraction of its mean diagonal (default: 0.01)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "HessianSweep":
+        return cls(blocksize=args.blocksize, damping=args.damping)
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1 or not 0 <= self.damping:
+            raise ValueError(f"{self.name} needs blocksize >= 1 and damping >= 0, got {self.blocksize}, {self.damping}")
+
+    def check(self, target: Target) -> None:
+        super().check(target)
+        if target.pattern is not None and self.blocksize % target.pattern[1]:
+            raise ValueError(f"{self.name} blocksize {self.blocksize} must be a multiple of m = {target.pattern[1]}")
+        if target.pattern is not None and target.quant is not None and target.quant.act_order:
+            raise ValueError("act-order reorders columns, which breaks N:M groups; use one or the other")
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        if target.pattern is not None:
+            n, m = target.pattern
+            return rows * (columns // m) * n
+        return sum(int(rows * (min(start + self.blocksize, columns) - start) * target.sparsity)
+                   for start in range(0, columns, self.blocksize))
+
+    def statistic(self, layer: nn.Linear) -> Gram:
+        return Gram(layer)
+
+    def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
+        assert isinstance(statistic, Gram)
+        self.check(target)
+        check_pattern(target, layer.in_features)
+        hessian, weight = prepare(statistic.hessian, layer.weight.detach().float())
+        spec = target.quant
+        order = None
+        if spec is not None and spec.act_order:
+            order = torch.argsort(hessian.diagonal(), descending=True)
+            hessian, weight = hessian[order][:, order], weight[:, order]
+        factor, damping = inverse_cholesky(hessian, self.damping)
+        grid = SweepGrid(weight, spec, order, layer.weight.dtype) if spec is not None else None
+        compressed, mask, loss = sweep(weight, factor, target, self.blocksize, grid)
+        restore = None if order is None else torch.argsort(order)
+        if restore is not None:
+            compressed, mask = compressed[:, restore], mask[:, restore]
+        info = {"loss": loss, "damping": damping}
+        if grid is None:
+            return LayerResult(compressed.to(layer.weight.dtype), mask, info)
+        record = grid.record(restore)
+        return LayerResult(record.dequantize(), mask, info, record)
