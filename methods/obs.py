@@ -98,7 +98,7 @@ def sweep(
             if grid is not None:
                 position = start + column
                 if width := grid.group_width(position):
-                    grid.fit_group(position, _current(weight, block, errors, factor, start, column, width))
+                    grid.fit_group(position, _group_values(weight, block, block_mask, errors, factor, start, column, width))
                 kept = grid.round(position, kept)
             error = (values - kept) / diagonal[column]
             loss += error.double().pow(2).sum() / 2
@@ -110,17 +110,26 @@ def sweep(
     return weight, mask, float(loss)
 
 
-def _current(
-    weight: torch.Tensor, block: torch.Tensor, errors: torch.Tensor, factor: torch.Tensor, start: int, column: int,
-    width: int,
+def _group_values(
+    weight: torch.Tensor, block: torch.Tensor, block_mask: torch.Tensor, errors: torch.Tensor, factor: torch.Tensor,
+    start: int, column: int, width: int,
 ) -> torch.Tensor:
-    """The `width` columns from block column `column` on, with every error made so far applied (also the lazy
-    updates still pending for columns past the block)."""
-    inside = block[:, column : column + width]
-    beyond = start + column + width - (start + block.shape[1])
+    """The `width` columns from block column `column` on, as near as can be known before their grid exists to what
+    the sweep will round: every error made so far applied (also the lazy updates still pending past the block), then
+    the pruning already chosen among them done and compensated within the group. The grid is fitted to the weights
+    the group keeps, not to the ones it is about to lose or to their pre-compensation values."""
+    end = start + block.shape[1]
+    stop = min(column + width, block.shape[1])
+    inside = block[:, column:stop].clone()
+    for offset, pruned in enumerate(block_mask[:, column:stop].T):
+        if pruned.any():
+            row = factor[start + column + offset, start + column + offset : start + stop]
+            error = inside[:, offset].masked_fill(~pruned, 0.0) / row[0]
+            inside[:, offset:] -= error.unsqueeze(1) * row.unsqueeze(0)
+            inside[:, offset].masked_fill_(pruned, 0.0)
+    beyond = start + column + width - end
     if beyond <= 0:
         return inside
-    end = start + block.shape[1]
     pending = errors[:, :column] @ factor[start : start + column, end : end + beyond]
     return torch.cat([inside, weight[:, end : end + beyond] - pending], dim=1)
 
