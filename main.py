@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compress = commands.add_parser(
-        "compress", help="prune a checkpoint block by block into a new sharded checkpoint",
-        description="Prune every linear layer of every transformer block, streaming one block at a time. "
-        "Re-running the same command on a partial output resumes it.",
+        "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
+        description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
+        "time. Re-running the same command on a partial output resumes it.",
     )
     add_common(compress)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                           + " (default: sparsegpt)")
     target = compress.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of each layer's weights to prune, in [0, 1) (default: 0.5)")
+                        help="fraction of each layer's weights to prune, in [0, 1) "
+                        "(default: 0.5; 0 for rtn and gptq, which only quantize)")
     target.add_argument("--pattern", type=parse_pattern, default=None, metavar="N:M",
                         help="semi-structured sparsity: N zeros in every M consecutive weights, e.g. 2:4")
     compress.add_argument("--calib", default=str(DEFAULT_CALIBRATION),

@@ -98,7 +98,8 @@ def sweep(
             if grid is not None:
                 position = start + column
                 if width := grid.group_width(position):
-                    grid.fit_group(position, _group_values(weight, block, block_mask, errors, factor, start, column, width))
+                    current = _group_values(weight, block, block_mask, errors, factor, start, column, width)
+                    grid.fit_group(position, current)
                 kept = grid.round(position, kept)
             error = (values - kept) / diagonal[column]
             loss += error.double().pow(2).sum() / 2

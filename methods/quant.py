@@ -4,7 +4,8 @@ A layer's weights are quantized per output row, either over the whole row or per
 columns. Group g of row r has a scale s > 0 and an integer zero point z in [0, 2^bits − 1]; an integer q in the same
 range stands for the weight (q − z)·s. The grid always holds 0 exactly (q = z), so pruned weights stay zero.
 Symmetric grids have z = 2^(bits−1) and s = max|w| / (2^(bits−1) − ½) (the compressed-tensors convention: signed
-integers q − z in [−2^(bits−1), 2^(bits−1) − 1], no stored zero point); asymmetric grids span [min(w, 0), max(w, 0)].
+integers q − z in [−2^(bits−1), 2^(bits−1) − 1], no stored zero point); asymmetric grids span
+[min(w, 0), max(w, 0)].
 Scales are rounded to the layer's dtype when fitted, so the grid a method rounds onto is exactly the one stored.
 """
 

@@ -95,8 +95,9 @@ class DecodedCheckpoint:
         stored = self.stored.read(wanted + [part for entry in decoded for part in entry.parts.values()])
         tensors = {name: stored[name] for name in wanted}
         for entry in decoded:
-            plan = LayerPlan(entry.name, entry.dtype, entry.shape, entry.dtype, self.quant)  # decode reads scales' dtype
-            tensors[entry.name] = self.format.decode(plan, {suffix: stored[part] for suffix, part in entry.parts.items()})
+            plan = LayerPlan(entry.name, entry.dtype, entry.shape, entry.dtype, self.quant)  # scales carry their dtype
+            parts = {suffix: stored[part] for suffix, part in entry.parts.items()}
+            tensors[entry.name] = self.format.decode(plan, parts)
         return {name: tensors[name] for name in names}
 
 

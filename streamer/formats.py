@@ -10,14 +10,15 @@ method's result and `decode` turns them back into the dense weight, bit for bit 
     weight_packed      int32 (rows, ⌈cols·bits/32⌉): every row's integers as one little-endian bit stream
                        (value j in bits j·bits … j·bits+bits−1; 32 values fill exactly `bits` words)
     weight_scale       (rows, groups) in the compute dtype
-    weight_zero_point  int32 (⌈rows·bits/32⌉, groups): zero points packed the same way along the rows (asymmetric only)
+    weight_zero_point  int32 (⌈rows·bits/32⌉, groups): zero points packed the same way along the rows
+                       (asymmetric only)
     weight_g_idx       int32 (cols,): group of every column (act-order "group" only)
     weight_shape       int64 (2,): rows, cols
   Integers are stored offset by 2^(bits−1) from compressed-tensors' signed ones, i.e. as our unsigned q.
 - sparse: our own layout for pruned layers, whose size is known before the maths because every method prunes an
   exact number of weights (`Method.pruned_count`):
-    weight_bitmask     uint8 (rows, ⌈cols/8⌉): bit j%8 (least significant first) of byte j//8 is 1 where the weight is
-                       kept; padding bits are 0
+    weight_bitmask     uint8 (rows, ⌈cols/8⌉): bit j%8 (least significant first) of byte j//8 is 1 where the
+                       weight is kept; padding bits are 0
     weight_values      (kept,) in the weight's dtype: the kept weights in row-major order (no quantization), or
     weight_packed      int32 (⌈kept·bits/32⌉,): their grid integers as one bit stream, in row-major order, with
                        weight_scale, weight_zero_point and weight_g_idx as in `packed` (quantization)

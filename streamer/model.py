@@ -132,7 +132,8 @@ class StagedModel:
 
     def uncompressed_linear_modules(self) -> list[str]:
         """Module paths of the model's linear layers outside the compressed ones (e.g. the head)."""
-        compressed = {f"{self.block_prefix(i)}{name}" for i in range(self.num_blocks) for name in self.adapter.linear_names}
+        compressed = {f"{self.block_prefix(i)}{name}" for i in range(self.num_blocks)
+                      for name in self.adapter.linear_names}
         return [name for name, module in self.model.named_modules()
                 if isinstance(module, nn.Linear) and name not in compressed]
 

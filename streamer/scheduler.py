@@ -138,7 +138,10 @@ def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) 
         names += staged.block_checkpoint_names(index)
     specs = []
     for name in names:
-        specs += fmt.specs(plans[name]) if name in plans else [TensorSpec(name, entries[name].dtype, entries[name].shape)]
+        if name in plans:
+            specs += fmt.specs(plans[name])
+        else:
+            specs.append(TensorSpec(name, entries[name].dtype, entries[name].shape))
     return specs
 
 
@@ -212,7 +215,8 @@ def _compress(
             results = compress_block(context, settings.method, groups, lambda name: settings.target)
             context.timing["compress"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            by_weight = {weight: results[linear] for linear, weight in staged.linear_weight_names(context.index).items()}
+            weights = staged.linear_weight_names(context.index)
+            by_weight = {weight: results[linear] for linear, weight in weights.items()}
             for name, tensor in staged.block_state(context.index).items():
                 parts = fmt.encode(plans[name], tensor, by_weight[name]) if name in plans else {name: tensor}
                 for part, value in parts.items():

@@ -164,7 +164,8 @@ def shard_bytes(directory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("options,formats", [
-    (["--method", "sparsegpt", "--sparsity", "0.6", "--wbits", "4", "--groupsize", "16", "--asym"], ["packed", "sparse"]),
+    (["--method", "sparsegpt", "--sparsity", "0.6", "--wbits", "4", "--groupsize", "16", "--asym"],
+     ["packed", "sparse"]),
     (["--method", "wanda", "--sparsity", "0.5"], ["sparse"]),
     (["--method", "gptq", "--wbits", "3", "--act-order", "group", "--groupsize", "32"], ["packed"]),
 ], ids=["joint", "pruned", "gptq-g_idx"])
