@@ -36,6 +36,7 @@ class SweepGrid:
         natural = contiguous_groups(columns, spec).to(weight.device)
         static = spec.groupsize is None or (order is not None and spec.act_order == "weight")
         self.group = natural[order] if static and order is not None else natural  # group of each visit position
+        self._group_of = self.group.tolist()  # read per column without a device round trip
         self.lazy = not static
         self.scale = torch.ones(rows, spec.groups(columns), device=weight.device)
         self.zero = torch.zeros(rows, spec.groups(columns), dtype=torch.int64, device=weight.device)
@@ -51,12 +52,12 @@ class SweepGrid:
         return min(self.spec.groupsize, self.ints.shape[1] - position)
 
     def fit_group(self, position: int, values: torch.Tensor) -> None:
-        group = int(self.group[position])
+        group = self._group_of[position]
         self.scale[:, group], self.zero[:, group] = fit(values, self.spec, self.dtype)
 
     def round(self, position: int, values: torch.Tensor) -> torch.Tensor:
         """Round one column onto its group's grid; records the integers, returns the values they stand for."""
-        group = int(self.group[position])
+        group = self._group_of[position]
         scale, zero = self.scale[:, group], self.zero[:, group]
         self.ints[:, position] = quantize(values, scale, zero, self.spec)
         return dequantize(self.ints[:, position], scale, zero)

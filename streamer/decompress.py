@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def decompress(model: Path, out: Path, max_shard_bytes: int | None = None, resta
     """Write the dense checkpoint a packed or sparse output stands for; resumes a partial run of the same command."""
     if out.resolve() == model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
+    started = time.perf_counter()
     view = open_checkpoint(model)
     if not isinstance(view, DecodedCheckpoint):
         raise LayerpressError(f"{model} holds dense weights already; there is nothing to decompress")
@@ -139,7 +141,8 @@ def decompress(model: Path, out: Path, max_shard_bytes: int | None = None, resta
             writer.write_index()
         finally:
             writer.close()
-        run.finish({"bytes_written": writer.bytes_written, "bytes_read": view.bytes_read})
+        run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
+                    "bytes_read": view.bytes_read})
     finally:
         run.close()
     log.info("wrote %s (%d shards) from the %s output %s", out, len(writer.shards), view.format.name, model)

@@ -271,3 +271,60 @@ def test_impossible_quantization_settings_fail_before_anything_is_written(
 def test_decompress_refuses_dense_outputs(tiny_checkpoints, tmp_path, capsys):
     assert not main_ok("decompress", "--model", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / "out"))
     assert "nothing to decompress" in capsys.readouterr().err
+
+
+def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
+    tiny_checkpoints, tmp_path, calib_text, monkeypatch
+):
+    import streamer.decompress
+    import streamer.scheduler
+
+    model = tiny_checkpoints["llama"]
+    options = ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--asym"]
+    compress_formats(model, tmp_path / "whole", calib_text, options, ["packed"])
+    assert main_ok("decompress", "--model", str(tmp_path / "whole" / "packed"), "--out", str(tmp_path / "whole-dense"))
+
+    compress_block = streamer.scheduler.compress_block
+
+    def stop_at_block_2(context, *args):
+        if context.index == 2:
+            raise KeyboardInterrupt
+        return compress_block(context, *args)
+
+    monkeypatch.setattr(streamer.scheduler, "compress_block", stop_at_block_2)
+    with pytest.raises(AssertionError):  # main.py stopped by the interrupt: exit status 130, not 0
+        compress_formats(model, tmp_path / "cut", calib_text, options, ["packed"])
+    monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
+    compress_formats(model, tmp_path / "cut", calib_text, options, ["packed"])
+    assert shard_bytes(tmp_path / "cut" / "packed") == shard_bytes(tmp_path / "whole" / "packed")
+
+    read, calls = streamer.decompress.DecodedCheckpoint.read, []
+
+    def stop_after_five_tensors(self, names):
+        calls.append(names)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return read(self, names)
+
+    monkeypatch.setattr(streamer.decompress.DecodedCheckpoint, "read", stop_after_five_tensors)
+    assert not main_ok("decompress", "--model", str(tmp_path / "cut" / "packed"), "--out", str(tmp_path / "cut-dense"))
+    monkeypatch.setattr(streamer.decompress.DecodedCheckpoint, "read", read)
+    assert main_ok("decompress", "--model", str(tmp_path / "cut" / "packed"), "--out", str(tmp_path / "cut-dense"))
+    assert shard_bytes(tmp_path / "cut-dense") == shard_bytes(tmp_path / "whole-dense")
+
+
+@pytest.mark.parametrize("compute", [None, "float32"])
+def test_half_precision_checkpoints_keep_scales_exact(tiny_checkpoints, tokenizer, tmp_path, calib_text, compute):
+    """Scales are fitted in the compute dtype and stored in it, so packed outputs of a bfloat16 checkpoint still
+    decompress to exactly the dense output, whether blocks run in bfloat16 or in float32."""
+    model = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.bfloat16).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    options = ["--method", "gptq", "--wbits", "4", "--groupsize", "32", *(["--dtype", compute] if compute else [])]
+    compress_formats(model, tmp_path, calib_text, options, ["dense", "packed"])
+    packed = load_state(tmp_path / "packed")
+    scale_dtype = {tensor.dtype for name, tensor in packed.items() if name.endswith("weight_scale")}
+    assert scale_dtype == {torch.float32 if compute else torch.bfloat16}
+    assert main_ok("decompress", "--model", str(tmp_path / "packed"), "--out", str(tmp_path / "packed-dense"))
+    assert shard_bytes(tmp_path / "packed-dense") == shard_bytes(tmp_path / "dense")
+    assert all(tensor.dtype == torch.bfloat16 for tensor in load_state(tmp_path / "dense").values())
