@@ -145,6 +145,17 @@ def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) 
     return specs
 
 
+def encoded_block_state(
+    staged: StagedModel, index: int, fmt: Format, plans: dict[str, LayerPlan], results: dict[str, LayerResult]
+) -> dict[str, torch.Tensor]:
+    """Block `index`'s output tensors in write order: each compressed weight as `fmt` writes it, the rest as is."""
+    by_weight = {weight: results[linear] for linear, weight in staged.linear_weight_names(index).items()}
+    tensors = {}
+    for name, tensor in staged.block_state(index).items():
+        tensors.update(fmt.encode(plans[name], tensor, by_weight[name]) if name in plans else {name: tensor})
+    return tensors
+
+
 def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan], record: dict) -> dict[str, Any]:
     """config.json of the output: the input's, with the layerpress record and what a reader of `fmt` needs."""
     config = dict(staged.checkpoint.config)
@@ -215,12 +226,8 @@ def _compress(
             results = compress_block(context, settings.method, groups, lambda name: settings.target)
             context.timing["compress"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            weights = staged.linear_weight_names(context.index)
-            by_weight = {weight: results[linear] for linear, weight in weights.items()}
-            for name, tensor in staged.block_state(context.index).items():
-                parts = fmt.encode(plans[name], tensor, by_weight[name]) if name in plans else {name: tensor}
-                for part, value in parts.items():
-                    writer.write(part, value)
+            for name, tensor in encoded_block_state(staged, context.index, fmt, plans, results).items():
+                writer.write(name, tensor)
             writer.sync()
             layers = {context.layer_name(linear): (result.weight == 0).float().mean().item()
                       for linear, result in results.items()}
