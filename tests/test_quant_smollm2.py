@@ -1,7 +1,8 @@
 """Quantization on the real model: SmolLM2-135M (pretrained, Llama architecture), a small protocol to stay fast.
 
-Marked slow; CI runs it. Calibration 8 windows x 256 of WikiText-2 valid (seed 0); evaluation on the first 8
-windows x 256 of WikiText-2 test. The full benchmark is tools/bench_quant.py.
+Marked slow; CI runs it. Calibration 16 windows x 512 of WikiText-2 valid (seed 0): with fewer tokens than ~4 per
+input feature, GPTQ fits the calibration set and does worse than RTN on other text (down_proj has 1536 inputs).
+Evaluation on the first 8 windows x 512 of WikiText-2 test. The full benchmark is tools/bench_quant.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.conftest import ROOT
 from tools.convert_gguf import bundled_smollm2, convert
 
 pytestmark = pytest.mark.slow
-PROTOCOL = ["--seqlen", "256", "--device", "cpu"]
+PROTOCOL = ["--seqlen", "512", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,12 @@ def perplexity(model) -> float:
 
 def test_gptq_beats_rtn_and_its_packed_output_loads_with_compressed_tensors(smollm2, tmp_path):
     quantization = ["--wbits", "4", "--groupsize", "64"]  # 64 divides SmolLM2's 576 and 1536 input features
-    for method, fmt in (("rtn", "dense"), ("gptq", "packed")):
+    # rtn uses no calibration data: one window only makes its (unused) pass short
+    for method, fmt, nsamples in (("rtn", "dense", "1"), ("gptq", "packed", "16")):
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(tmp_path / method), "--method",
-                          method, *quantization, "--format", fmt, "--nsamples", "8", *PROTOCOL]) == 0
+                          method, *quantization, "--format", fmt, "--nsamples", nsamples, *PROTOCOL]) == 0
     dense, rtn, gptq = perplexity(smollm2), perplexity(tmp_path / "rtn"), perplexity(tmp_path / "gptq")
-    print(f"SmolLM2 8x256 perplexity: dense {dense:.2f}, rtn w4 g64 {rtn:.2f}, gptq w4 g64 {gptq:.2f}")
+    print(f"SmolLM2 8x512 perplexity: dense {dense:.2f}, rtn w4 g64 {rtn:.2f}, gptq w4 g64 {gptq:.2f}")
     assert dense < gptq < rtn
 
     packed_bytes = sum(path.stat().st_size for path in (tmp_path / "gptq").glob("*.safetensors"))
