@@ -12,9 +12,11 @@ from typing import Callable
 
 import torch
 
-from methods import METHODS, Target
+from methods import METHODS, QuantSpec, Target
+from methods.quant import ACT_ORDERS, BITS
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from streamer.errors import LayerpressError
+from streamer.formats import FORMATS
 
 DESCRIPTION = """\
 layerpress streams a Hugging Face safetensors checkpoint one transformer block at a time: read a block, run the
@@ -28,6 +30,9 @@ examples:
   python main.py plan --model IN --method sparsegpt --nsamples 128 --seqlen 2048 --device-memory 80GiB
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.5
   python main.py compress --model IN --out OUT --method wanda --pattern 2:4
+  python main.py compress --model IN --out OUT --method gptq --wbits 4 --groupsize 128
+  python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.7 --wbits 4 --format packed
+  python main.py decompress --model OUT --out DENSE_DIR
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -104,16 +109,39 @@ def add_method(parser: argparse.ArgumentParser) -> None:
                         + " (default: sparsegpt)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of each layer's weights to prune, in [0, 1) (default: 0.5)")
+                        help="fraction of each layer's weights to prune, in [0, 1) "
+                        "(default: 0.5; 0 for rtn and gptq, which only quantize)")
     target.add_argument("--pattern", type=parse_pattern, default=None, metavar="N:M",
                         help="semi-structured sparsity: N zeros in every M consecutive weights, e.g. 2:4")
+    quantization = parser.add_argument_group(
+        "quantization (rtn, gptq; sparsegpt prunes and quantizes in one sweep when given --wbits)")
+    quantization.add_argument("--wbits", type=int, choices=BITS, default=None, help="bits per weight")
+    quantization.add_argument("--groupsize", type=int, default=None,
+                              help="input columns sharing one scale (default: one scale per output row)")
+    symmetry = quantization.add_mutually_exclusive_group()
+    symmetry.add_argument("--sym", dest="symmetric", action="store_true", default=True,
+                          help="zero point fixed at the middle of the grid, no stored zero points (default)")
+    symmetry.add_argument("--asym", dest="symmetric", action="store_false",
+                          help="grid spans [min, max] of each group, with a zero point per group")
+    quantization.add_argument("--act-order", nargs="?", const="weight", choices=ACT_ORDERS, default=None,
+                              help="gptq, sparsegpt: visit columns by descending Hessian diagonal; groups stay "
+                              "contiguous (weight, the default when given bare) or follow the visit order (group: "
+                              "stores weight_g_idx, which compressed-tensors >= 0.20 no longer reads)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     parser.add_argument("--true-sequential", action="store_true",
                         help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
                         "through the already-compressed groups before it")
     method_options = parser.add_argument_group("method options")
-    for cls in METHODS.values():
+    sharing = {cls.add_arguments.__func__: cls for cls in METHODS.values()}  # sparsegpt and gptq share options
+    for cls in sharing.values():
         cls.add_arguments(method_options)
+
+
+def add_output(parser: argparse.ArgumentParser, max_shard_default: str | None = "5GB") -> None:
+    default = "5GB" if max_shard_default else "the compress run's"
+    parser.add_argument("--max-shard-size", type=parse_size, default=max_shard_default,
+                        help=f"largest output shard, e.g. 5GB, 500MB, 2GiB (default: {default})")
+    parser.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compress = commands.add_parser(
-        "compress", help="prune a checkpoint block by block into a new sharded checkpoint",
-        description="Prune every linear layer of every transformer block, streaming one block at a time. "
-        "Re-running the same command on a partial output resumes it.",
+        "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
+        description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
+        "time. Re-running the same command on a partial output resumes it.",
     )
     add_common(compress, planned=True)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
@@ -135,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="calibration text: a file, a saved datasets directory, or a datasets spec "
                           "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
     compress.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
-    compress.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
-    compress.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+    add_output(compress)
+    compress.add_argument("--format", choices=sorted(FORMATS), default="dense",
+                          help="; ".join(f"{name}: {fmt.summary}" for name, fmt in sorted(FORMATS.items()))
+                          + " (default: dense)")
     add_planning(compress)
 
     plan = commands.add_parser(
@@ -164,21 +194,44 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluation text (default: the bundled WikiText-2 test text)")
     evaluate.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
 
+    decompress = commands.add_parser(
+        "decompress", help="turn a packed or sparse output back into dense safetensors",
+        description="Rebuild the dense weights of a --format packed or sparse output, tensor by tensor, bit for bit "
+        "what --format dense writes. Re-running the same command on a partial output resumes it.",
+    )
+    decompress.add_argument("--model", type=Path, required=True, help="a packed or sparse output directory")
+    decompress.add_argument("--out", type=Path, required=True, help="dense output directory (new, or a partial run's)")
+    add_output(decompress, max_shard_default=None)
+
     status = commands.add_parser("status", help="how far a run in an output directory got, and what is left")
     status.add_argument("out", type=Path, help="output directory of a compress run")
     return parser
 
 
+def make_quant(args: argparse.Namespace) -> QuantSpec | None:
+    if args.wbits is None:
+        if args.groupsize is not None or args.act_order is not None or not args.symmetric:
+            raise LayerpressError("--groupsize, --asym and --act-order shape a quantization grid: give --wbits too")
+        return None
+    try:
+        return QuantSpec(args.wbits, args.groupsize, args.symmetric, args.act_order)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
+
+
 def make_target(args: argparse.Namespace) -> Target:
+    """The target of every layer; sparsity defaults to 0.5 for methods that prune, 0 for those that only quantize."""
+    quant = make_quant(args)
     if args.pattern is not None:
         n, m = args.pattern
         if not 0 < n < m:
             raise LayerpressError(f"pattern {n}:{m} is impossible: need 0 < N < M (N zeros in every M weights)")
-        return Target(pattern=(n, m))
-    sparsity = 0.5 if args.sparsity is None else args.sparsity
+        return Target(pattern=(n, m), quant=quant)
+    default = 0.5 if METHODS[args.method].prunes else 0.0
+    sparsity = default if args.sparsity is None else args.sparsity
     if not 0.0 <= sparsity < 1.0:
         raise LayerpressError(f"sparsity must be in [0, 1), got {sparsity}")
-    return Target(sparsity=sparsity)
+    return Target(sparsity=sparsity, quant=quant)
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -231,6 +284,7 @@ def run_compress(args: argparse.Namespace) -> None:
         micro_batch=args.micro_batch,
         statistics_per_layer=args.statistics_per_layer,
         budget=budget(args),
+        format=args.format,
     )
     compress(settings)
 
@@ -263,6 +317,12 @@ def run_plan(args: argparse.Namespace) -> None:
         print(f"time: no estimate ({args.device.type} is not on this machine: give --speed FILE, measured there)")
 
 
+def run_decompress(args: argparse.Namespace) -> None:
+    from streamer.decompress import decompress
+
+    decompress(args.model, args.out, args.max_shard_size, args.restart)
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from streamer.evaluate import perplexity
 
@@ -289,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         check_counts(args)
-        commands = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "status": run_status}
+        commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "eval": run_eval,
+                    "status": run_status}
         commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import LayerCost, LayerResult, Method, Statistic, Target
-from .masks import select, selection_bytes
+from .masks import select, select_count, selection_bytes
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Magnitude(Method):
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Magnitude":
         return cls(scope=args.magnitude_scope)
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        return select_count(rows, columns, target, per_row=self.scope == "row")
 
     def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
         weight = layer.weight.detach()

@@ -55,3 +55,13 @@ def selection_bytes(rows: int, columns: int, target: Target, per_row: bool) -> i
     fraction = target.pattern[0] / target.pattern[1] if target.pattern is not None else target.sparsity
     whole_sort = 0 if per_row or target.pattern is not None else 12 * scores
     return scores + int(12 * fraction * scores) + whole_sort
+
+
+def select_count(rows: int, columns: int, target: Target, per_row: bool) -> int:
+    """How many weights `select` prunes in a rows × columns layer."""
+    if target.pattern is not None:
+        n, m = target.pattern
+        return rows * (columns // m) * n
+    if per_row:
+        return rows * int(columns * target.sparsity)
+    return int(rows * columns * target.sparsity)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import LayerCost, LayerResult, Method, Statistic, Target
-from .masks import select, selection_bytes
+from .masks import select, select_count, selection_bytes
 from .statistics import ColumnNorms
 
 
@@ -19,6 +19,9 @@ class Wanda(Method):
 
     def statistic(self, layer: nn.Linear) -> ColumnNorms:
         return ColumnNorms(layer)
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        return select_count(rows, columns, target, per_row=True)
 
     def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
         assert isinstance(statistic, ColumnNorms)

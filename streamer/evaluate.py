@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
+from .decompress import open_checkpoint
 from .data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
 from .model import StagedModel
 from .stream import StreamOptions, stream_blocks
@@ -30,7 +30,7 @@ def perplexity(
 ) -> dict[str, float | int]:
     """{"ppl": ..., "windows": ..., "tokens": ...} of the model in `model` on the text `data`."""
     options = options or StreamOptions()
-    checkpoint = Checkpoint(model)
+    checkpoint = open_checkpoint(model)
     staged = StagedModel(checkpoint, options.device, dtype)
     seqlen = capped_seqlen(seqlen, checkpoint.config)
     ids = evaluation_windows(tokenize(load_tokenizer(model), load_text(data)), seqlen, windows)

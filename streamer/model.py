@@ -125,6 +125,18 @@ class StagedModel:
     def block_checkpoint_names(self, index: int) -> list[str]:
         return self.checkpoint_names(self.block_names(index))
 
+    def linear_weight_names(self, index: int) -> dict[str, str]:
+        """Block `index`'s compressible linear layers (adapter names) -> checkpoint names of their weights."""
+        prefix = self.block_prefix(index)
+        return {name: self._names[f"{prefix}{name}.weight"] for name in self.adapter.linear_names}
+
+    def uncompressed_linear_modules(self) -> list[str]:
+        """Module paths of the model's linear layers outside the compressed ones (e.g. the head)."""
+        compressed = {f"{self.block_prefix(i)}{name}" for i in range(self.num_blocks)
+                      for name in self.adapter.linear_names}
+        return [name for name, module in self.model.named_modules()
+                if isinstance(module, nn.Linear) and name not in compressed]
+
     def non_block_checkpoint_names(self) -> list[str]:
         """Checkpoint tensors outside every block, in checkpoint order (copied to the output bit for bit)."""
         in_blocks = {self._names[name] for name in self._names if name.startswith(self.adapter.blocks + ".")}

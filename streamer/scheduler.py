@@ -11,6 +11,7 @@ An observation stops each micro-batch's forward as soon as its layers have their
 Settings the user leaves open come from the memory plan (streamer/planner.py): the micro-batch, where the activation
 buffers live, and whether a group's statistics are observed together or, when they do not fit, one layer at a time
 (same inputs, same statistics, so the same output).
+Write hands each compressed layer to the output format (streamer/formats.py), planned before the first block.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import psutil
 import torch
 from torch import nn
 
-from methods import Method, Target
+from methods import LayerResult, Method, Target
 from methods.base import Statistic
 
-from .checkpoint import Checkpoint
+from .decompress import open_checkpoint
 from .data import (
     calibration_windows,
     capped_seqlen,
@@ -42,6 +43,7 @@ from .data import (
 )
 from .errors import LayerpressError
 from .files import atomic_write
+from .formats import FORMATS, Format, LayerPlan, compressed_tensors_config
 from .journal import WORK_DIR, Run, read_journal
 from .model import StagedModel
 from .planner import Budget, ModelShapes, Plan, Planner, Workload
@@ -69,6 +71,7 @@ class CompressSettings:
     micro_batch: int | None = None  # None: the largest the plan fits (a resumed run keeps its own)
     statistics_per_layer: bool = False  # force it; otherwise the plan turns it on when a group's do not fit
     budget: Budget | None = None  # memory the plan may use; None: the machine's totals
+    format: str = "dense"
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -77,6 +80,8 @@ class CompressSettings:
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
+            "quantization": asdict(self.target.quant) if self.target.quant else None,
+            "format": self.format,
             "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
@@ -139,17 +144,17 @@ def compress_block(
     groups: list[tuple[str, ...]],
     target_for: Callable[[str], Target],
     per_layer_statistics: bool = False,
-) -> dict[str, float]:
-    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer.
+) -> dict[str, LayerResult]:
+    """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
+    is the layer's own (installed, not a copy).
 
     per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
     The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
     result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
     """
     linears = context.linears
-    sparsity = {}
+    results = {}
     for group in groups:
-        zeros = {}
         if per_layer_statistics:
             for name in reversed(group):
                 statistic = method.statistic(linears[name])
@@ -157,8 +162,7 @@ def compress_block(
                     with context.phase("observe"):
                         observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
                 with context.phase("compress"):
-                    zeros[name] = _install(linears[name], _compressed_weight(context, method, name, statistic,
-                                                                             target_for))
+                    results[name] = _compress_layer(context, method, name, statistic, target_for)
                 del statistic
         else:
             statistics = {name: method.statistic(linears[name]) for name in group}
@@ -169,52 +173,99 @@ def compress_block(
                     del active  # only `statistics` may hold them: each goes once its layer is done
             with context.phase("compress"):
                 for name in group:  # each statistic is dropped as soon as its layer is done
-                    weight = _compressed_weight(context, method, name, statistics.pop(name), target_for)
-                    zeros[name] = _install(linears[name], weight)
-        sparsity.update({context.layer_name(name): zeros[name] for name in group})
-    return sparsity
+                    results[name] = _compress_layer(context, method, name, statistics.pop(name), target_for)
+    return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 
 
-def _compressed_weight(
+def _compress_layer(
     context: BlockContext, method: Method, name: str, statistic: Statistic | None, target_for: Callable[[str], Target]
-) -> torch.Tensor:
-    full_name = context.layer_name(name)
+) -> LayerResult:
+    """Compress one layer and install the result in it (the result then holds the layer's weight, not a copy)."""
+    layer, full_name = context.linears[name], context.layer_name(name)
     try:
-        result = method.compress(context.linears[name], statistic, target_for(full_name))
+        result = method.compress(layer, statistic, target_for(full_name))
     except ValueError as exc:
         raise LayerpressError(f"{method.name} failed on {full_name}: {exc}") from exc
     if not torch.isfinite(result.weight).all():
         raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
-    return result.weight
+    layer.weight.data.copy_(result.weight)
+    return replace(result, weight=layer.weight.data)
 
 
-def _install(layer: nn.Linear, weight: torch.Tensor) -> float:
-    """Write the compressed weight into the layer; returns its fraction of zeros."""
-    layer.weight.data.copy_(weight)
+def zero_fraction(weight: torch.Tensor) -> float:
     return torch.count_nonzero(weight == 0).item() / weight.numel()
 
 
-def output_specs(staged: StagedModel) -> list[TensorSpec]:
+def layer_plans(staged: StagedModel, method: Method, target: Target) -> dict[str, LayerPlan]:
+    """What the output stage knows of every compressed weight up front, by checkpoint name."""
+    plans = {}
+    for index in range(staged.num_blocks):
+        for name in staged.linear_weight_names(index).values():
+            entry = staged.checkpoint.entries[name]
+            rows, columns = entry.shape
+            pruned = method.pruned_count(rows, columns, target)
+            kept = None if pruned is None else rows * columns - pruned
+            plans[name] = LayerPlan(name, entry.dtype, (rows, columns), staged.dtype, target.quant, kept)
+    return plans
+
+
+def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) -> list[TensorSpec]:
     """The output tensors in write order: everything outside the blocks first, then block by block."""
     entries = staged.checkpoint.entries
     names = staged.non_block_checkpoint_names()
     for index in range(staged.num_blocks):
         names += staged.block_checkpoint_names(index)
-    return [TensorSpec(name, entries[name].dtype, entries[name].shape) for name in names]
+    specs = []
+    for name in names:
+        if name in plans:
+            specs += fmt.specs(plans[name])
+        else:
+            specs.append(TensorSpec(name, entries[name].dtype, entries[name].shape))
+    return specs
+
+
+def encoded_block_state(
+    staged: StagedModel, index: int, fmt: Format, plans: dict[str, LayerPlan], results: dict[str, LayerResult]
+) -> dict[str, torch.Tensor]:
+    """Block `index`'s output tensors in write order: each compressed weight as `fmt` writes it, the rest as is."""
+    by_weight = {weight: results[linear] for linear, weight in staged.linear_weight_names(index).items()}
+    tensors = {}
+    for name, tensor in staged.block_state(index).items():
+        tensors.update(fmt.encode(plans[name], tensor, by_weight[name]) if name in plans else {name: tensor})
+    return tensors
+
+
+def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan], record: dict) -> dict[str, Any]:
+    """config.json of the output: the input's, with the layerpress record and what a reader of `fmt` needs."""
+    config = dict(staged.checkpoint.config)
+    config["layerpress"] = dict(record)
+    if fmt.name != "dense":
+        config["layerpress"]["weight_dtype"] = str(next(iter(plans.values())).dtype).removeprefix("torch.")
+    if fmt.name == "packed":
+        quant = next(iter(plans.values())).quant
+        config["quantization_config"] = compressed_tensors_config(quant, staged.uncompressed_linear_modules())
+    return config
 
 
 def compress(settings: CompressSettings) -> Path:
     """Compress a checkpoint block by block into `settings.out`; resumes a partial run of the same settings."""
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
-    checkpoint = Checkpoint(settings.model)
+    checkpoint = open_checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
+    try:
+        settings.method.check(settings.target)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
     plan = apply_plan(settings, staged, seqlen)
     tokenizer = load_tokenizer(settings.model)
     windows = calibration_windows(
         tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
     )
+    fmt = FORMATS[settings.format]
+    plans = layer_plans(staged, settings.method, settings.target)
+    check_plans(fmt, plans)
     record = settings.record(seqlen, staged.dtype)
     fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)}
     run = Run(settings.out, "compress", record, fingerprints, staged.num_blocks, restart=settings.restart)
@@ -222,10 +273,18 @@ def compress(settings: CompressSettings) -> Path:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record, plan)
+            _compress(settings, staged, windows, run, record, plan, fmt, plans)
     finally:
         run.close()
     return settings.out
+
+
+def check_plans(fmt: Format, plans: dict[str, LayerPlan]) -> None:
+    """Refuse, before anything is written, a format that cannot hold these layers."""
+    for plan in plans.values():
+        fmt.check(plan)
+    if fmt.name != "dense" and len({plan.dtype for plan in plans.values()}) > 1:
+        raise LayerpressError(f"--format {fmt.name} needs all compressed weights in one dtype; use --format dense")
 
 
 def apply_plan(settings: CompressSettings, staged: StagedModel, seqlen: int) -> Plan:
@@ -271,11 +330,12 @@ def _recorded_micro_batch(settings: CompressSettings) -> int | None:
 
 
 def _compress(
-    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan,
+    fmt: Format, plans: dict[str, LayerPlan],
 ) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
-    writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
+    writer = ShardWriter(settings.out, output_specs(staged, fmt, plans), settings.max_shard_bytes, state)
     groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
     try:
         non_block = staged.non_block_checkpoint_names()
@@ -294,9 +354,12 @@ def _compress(
 
             def process(context: BlockContext) -> dict[str, Any]:
                 """Compress the block, then write it on the writer thread while the loop propagates through it."""
-                layers = compress_block(context, settings.method, groups, lambda name: settings.target,
-                                        plan.choice.per_layer_statistics)
-                pending.append(background.submit(write, staged.block_state(context.index)))
+                results = compress_block(context, settings.method, groups, lambda name: settings.target,
+                                         plan.choice.per_layer_statistics)
+                with context.phase("encode"):
+                    tensors = encoded_block_state(staged, context.index, fmt, plans, results)
+                pending.append(background.submit(write, tensors))
+                layers = {context.layer_name(name): zero_fraction(result.weight) for name, result in results.items()}
                 log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
                          100 * sum(layers.values()) / max(len(layers), 1), len(layers))
                 return {"layers": layers}
@@ -308,8 +371,7 @@ def _compress(
                 return {"writer": asdict(writer.state)}
 
             stream_blocks(staged, windows, settings.stream, process, run, desc="compress", settle=settle)
-        config = dict(staged.checkpoint.config)
-        config["layerpress"] = {**record, "layer_sparsity": run.body["layers"]}
+        config = output_config(staged, fmt, plans, {**record, "layer_sparsity": run.body["layers"]})
         atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
         copy_side_files(settings.model, settings.out)
         writer.write_index()

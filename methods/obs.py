@@ -1,0 +1,220 @@
+"""The OBS column sweep shared by SparseGPT and GPTQ: prune and/or quantize a layer column by column.
+
+Columns are visited left to right (or by descending Hessian diagonal with act-order). Each column is first pruned
+(its weights in the mask set to zero; the mask is chosen per block of columns from the OBS saliency w² / [H⁻¹]_jj²,
+or per m columns for N:M), then its kept weights are rounded onto the quantization grid; the error of both is spread
+over the columns not yet visited through the same row of the inverse-Hessian Cholesky factor, so the remaining
+weights compensate for it. Updates to columns beyond the current block are applied lazily, once per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import LayerCost, LayerResult, Method, Statistic, Target
+from .hessian import dead_inputs, inverse_cholesky
+from .masks import check_pattern, lowest_overall, n_of_m
+from .quant import QuantRecord, QuantSpec, contiguous_groups, dequantize, fit, fit_groups, quantize
+from .statistics import Gram
+
+
+class SweepGrid:
+    """The quantization grid of one layer during a sweep, in sweep (visit) order.
+
+    Grids of whole rows, and of groups with act-order "weight" (groups of the original column order), are fitted
+    on the weight before the sweep; other groups are consecutive in visit order and fitted when the sweep reaches
+    their first column, on the weights as earlier columns' errors left them (GPTQ's lazy grouping).
+    """
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, order: torch.Tensor | None, dtype: torch.dtype):
+        rows, columns = weight.shape
+        self.spec, self.dtype = spec, dtype
+        natural = contiguous_groups(columns, spec).to(weight.device)
+        static = spec.groupsize is None or (order is not None and spec.act_order == "weight")
+        self.group = natural[order] if static and order is not None else natural  # group of each visit position
+        self._group_of = self.group.tolist()  # read per column without a device round trip
+        self.lazy = not static
+        self.scale = torch.ones(rows, spec.groups(columns), device=weight.device)
+        self.zero = torch.zeros(rows, spec.groups(columns), dtype=torch.int64, device=weight.device)
+        if static:
+            original = weight if order is None else weight[:, torch.argsort(order)]
+            self.scale, self.zero = fit_groups(original, spec, natural, dtype)
+        self.ints = torch.empty(rows, columns, dtype=torch.uint8, device=weight.device)
+
+    def group_width(self, position: int) -> int:
+        """Columns of the group that starts at visit `position` and must be fitted now (0: none starts here)."""
+        if not self.lazy or position % self.spec.groupsize:
+            return 0
+        return min(self.spec.groupsize, self.ints.shape[1] - position)
+
+    def fit_group(self, position: int, values: torch.Tensor) -> None:
+        group = self._group_of[position]
+        self.scale[:, group], self.zero[:, group] = fit(values, self.spec, self.dtype)
+
+    def round(self, position: int, values: torch.Tensor) -> torch.Tensor:
+        """Round one column onto its group's grid; records the integers, returns the values they stand for."""
+        group = self._group_of[position]
+        scale, zero = self.scale[:, group], self.zero[:, group]
+        self.ints[:, position] = quantize(values, scale, zero, self.spec)
+        return dequantize(self.ints[:, position], scale, zero)
+
+    def record(self, restore: torch.Tensor | None) -> QuantRecord:
+        """The grid in the original column order (`restore`: visit position of every original column)."""
+        ints, group = (self.ints, self.group) if restore is None else (self.ints[:, restore], self.group[restore])
+        return QuantRecord(self.spec, ints, self.scale.to(self.dtype), self.zero.to(torch.uint8), group)
+
+
+def sweep(
+    weight: torch.Tensor, factor: torch.Tensor, target: Target, blocksize: int, grid: SweepGrid | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The OBS column sweep. weight: float32 (rows, cols), modified in place; factor: upper Cholesky of H⁻¹.
+
+    Returns (compressed weight, prune mask, OBS loss estimate Σ (w − ŵ)² / [U]_jj² / 2).
+    """
+    rows, columns = weight.shape
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        block = weight[:, start:end].clone()
+        block_factor = factor[start:end, start:end]
+        diagonal = block_factor.diagonal()
+        errors = torch.zeros_like(block)
+        block_mask = mask[:, start:end]
+        if target.pattern is None:
+            saliency = block.pow(2) / diagonal.pow(2).unsqueeze(0)
+            block_mask[:] = lowest_overall(saliency, int(saliency.numel() * target.sparsity))
+        for column in range(end - start):
+            if target.pattern is not None and column % target.pattern[1] == 0:
+                n, m = target.pattern
+                window = block[:, column : column + m]
+                saliency = window.pow(2) / diagonal[column : column + m].pow(2).unsqueeze(0)
+                block_mask[:, column : column + m] = n_of_m(saliency, n, m)
+            values = block[:, column]
+            kept = values.masked_fill(block_mask[:, column], 0.0)
+            if grid is not None:
+                position = start + column
+                if width := grid.group_width(position):
+                    current = _group_values(weight, block, block_mask, errors, factor, start, column, width)
+                    grid.fit_group(position, current)
+                kept = grid.round(position, kept)
+            error = (values - kept) / diagonal[column]
+            loss += error.double().pow(2).sum() / 2
+            block[:, column:] -= error.unsqueeze(1) * block_factor[column, column:].unsqueeze(0)
+            block[:, column] = kept
+            errors[:, column] = error
+        weight[:, start:end] = block
+        weight[:, end:] -= errors @ factor[start:end, end:]
+    return weight, mask, float(loss)
+
+
+def _group_values(
+    weight: torch.Tensor, block: torch.Tensor, block_mask: torch.Tensor, errors: torch.Tensor, factor: torch.Tensor,
+    start: int, column: int, width: int,
+) -> torch.Tensor:
+    """The `width` columns from block column `column` on, as near as can be known before their grid exists to what
+    the sweep will round: every error made so far applied (also the lazy updates still pending past the block), then
+    the pruning already chosen among them done and compensated within the group. The grid is fitted to the weights
+    the group keeps, not to the ones it is about to lose or to their pre-compensation values."""
+    end = start + block.shape[1]
+    stop = min(column + width, block.shape[1])
+    inside = block[:, column:stop].clone()
+    for offset, pruned in enumerate(block_mask[:, column:stop].T):
+        if pruned.any():
+            row = factor[start + column + offset, start + column + offset : start + stop]
+            error = inside[:, offset].masked_fill(~pruned, 0.0) / row[0]
+            inside[:, offset:] -= error.unsqueeze(1) * row.unsqueeze(0)
+            inside[:, offset].masked_fill_(pruned, 0.0)
+    beyond = start + column + width - end
+    if beyond <= 0:
+        return inside
+    pending = errors[:, :column] @ factor[start : start + column, end : end + beyond]
+    return torch.cat([inside, weight[:, end : end + beyond] - pending], dim=1)
+
+
+@dataclass
+class HessianSweep(Method):
+    """A method built on the OBS sweep. blocksize: columns per lazy-update block (and per mask decision);
+    damping: λ as a fraction of mean diag H."""
+
+    blocksize: int = 128
+    damping: float = 0.01
+
+    quantizes = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--blocksize", type=int, default=128,
+                            help="sparsegpt, gptq: columns per lazy-update block and mask decision (default: 128)")
+        parser.add_argument("--damping", type=float, default=0.01,
+                            help="sparsegpt, gptq: Hessian damping as a fraction of its mean diagonal (default: 0.01)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "HessianSweep":
+        return cls(blocksize=args.blocksize, damping=args.damping)
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1 or not 0 <= self.damping:
+            raise ValueError(f"{self.name} needs blocksize >= 1 and damping >= 0, got {self.blocksize}, {self.damping}")
+
+    def check(self, target: Target) -> None:
+        super().check(target)
+        if target.pattern is not None and self.blocksize % target.pattern[1]:
+            raise ValueError(f"{self.name} blocksize {self.blocksize} must be a multiple of m = {target.pattern[1]}")
+        if target.pattern is not None and target.quant is not None and target.quant.act_order:
+            raise ValueError("act-order reorders columns, which breaks N:M groups; use one or the other")
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        if target.pattern is not None:
+            n, m = target.pattern
+            return rows * (columns // m) * n
+        return sum(int(rows * (min(start + self.blocksize, columns) - start) * target.sparsity)
+                   for start in range(0, columns, self.blocksize))
+
+    def statistic(self, layer: nn.Linear) -> Gram:
+        return Gram(layer)
+
+    def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
+        assert isinstance(statistic, Gram)
+        self.check(target)
+        check_pattern(target, layer.in_features)
+        weight = layer.weight.detach().to(torch.float32, copy=True)
+        weight[:, dead_inputs(statistic.gram)] = 0.0
+        spec = target.quant
+        order = None
+        if spec is not None and spec.act_order:
+            order = torch.argsort(statistic.gram.diagonal(), descending=True)
+            weight = weight[:, order]
+            factor, damping = inverse_cholesky(statistic.gram[order][:, order], self.damping, statistic.scale)
+        else:
+            factor, damping = inverse_cholesky(statistic.gram, self.damping, statistic.scale)
+        grid = SweepGrid(weight, spec, order, layer.weight.dtype) if spec is not None else None
+        compressed, mask, loss = sweep(weight, factor, target, self.blocksize, grid)
+        restore = None if order is None else torch.argsort(order)
+        if restore is not None:
+            compressed, mask = compressed[:, restore], mask[:, restore]
+        info = {"loss": loss, "damping": damping}
+        if grid is None:
+            return LayerResult(compressed.to(layer.weight.dtype), mask, info)
+        record = grid.record(restore)
+        return LayerResult(record.dequantize(), mask, info, record)
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
+        product (up to the weight's size), or at the end the result in `dtype`; the column loop touches a
+        rows × blocksize tile about ten times per column. A quantization grid adds a byte per weight."""
+        weight = rows * columns
+        return LayerCost(
+            working_bytes=4 * columns * columns + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
+            factored=columns,
+            matmul_flops=float(rows) * columns * columns,
+            factor_flops=4.0 / 3.0 * float(columns) ** 3,
+            sequential_ops=10 * columns,
+            sequential_bytes=6.0 * weight * self.blocksize,
+            update_flops_per_token=2.0 * columns * columns,
+            update_bytes_per_token=0 if dtype == torch.float32 else 4 * columns,
+        )

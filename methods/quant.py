@@ -1,0 +1,138 @@
+"""The integer grid shared by rtn, gptq and sparsegpt --wbits: fitting it, rounding onto it, reading it back.
+
+A layer's weights are quantized per output row, either over the whole row or per group of `groupsize` input
+columns. Group g of row r has a scale s > 0 and an integer zero point z in [0, 2^bits − 1]; an integer q in the same
+range stands for the weight (q − z)·s. The grid always holds 0 exactly (q = z), so pruned weights stay zero.
+Symmetric grids have z = 2^(bits−1) and s = max|w| / (2^(bits−1) − ½) (the compressed-tensors convention: signed
+integers q − z in [−2^(bits−1), 2^(bits−1) − 1], no stored zero point); asymmetric grids span
+[min(w, 0), max(w, 0)].
+Scales are rounded to the layer's dtype when fitted, so the grid a method rounds onto is exactly the one stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+ACT_ORDERS = ("weight", "group")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a layer's weights must be quantized.
+
+    bits: integer width; groupsize: input columns per scale (None: one scale per output row); symmetric: zero point
+    fixed at the middle of the range; act_order: columns visited by descending Hessian diagonal (gptq, sparsegpt),
+    with groups kept contiguous in the original column order ("weight") or formed along the visit order ("group",
+    which needs a g_idx to say which group every column belongs to).
+    """
+
+    bits: int
+    groupsize: int | None = None
+    symmetric: bool = True
+    act_order: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"quantization to {self.bits} bits is not supported; choose one of {BITS}")
+        if self.groupsize is not None and self.groupsize < 1:
+            raise ValueError(f"the group size must be at least 1, got {self.groupsize}")
+        if self.act_order not in (None, *ACT_ORDERS):
+            raise ValueError(f"act-order must be one of {ACT_ORDERS}, got {self.act_order!r}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def permuted_groups(self) -> bool:
+        """Whether groups follow the act-order visit order, so that the layer needs a g_idx."""
+        return self.act_order == "group" and self.groupsize is not None
+
+    def groups(self, columns: int) -> int:
+        return 1 if self.groupsize is None else -(-columns // self.groupsize)
+
+
+def fit(values: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32, representable in `dtype`) and zero point (int64) of every row of `values` (rows, n)."""
+    values = values.float()
+    low = values.min(dim=1).values.clamp(max=0)
+    high = values.max(dim=1).values.clamp(min=0)
+    if spec.symmetric:
+        high = torch.maximum(-low, high)
+        low = -high
+    empty = (low == 0) & (high == 0)  # an all-zero row or group: any positive scale will do
+    low, high = low.masked_fill(empty, -1.0), high.masked_fill(empty, 1.0)
+    scale = ((high - low) / spec.maxq).to(dtype).float().clamp(min=torch.finfo(dtype).tiny)
+    if spec.symmetric:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2, dtype=torch.int64)
+    else:
+        zero = torch.round(-low / scale).clamp(0, spec.maxq).to(torch.int64)
+    return scale, zero
+
+
+def quantize(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The grid integers (uint8) nearest to `values`, clamped to the range; scale and zero broadcast."""
+    return torch.clamp(torch.round(values.float() / scale) + zero, 0, spec.maxq).to(torch.uint8)
+
+
+def dequantize(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q − z)·s in float32; scale and zero broadcast."""
+    return (ints.float() - zero.float()) * scale.float()
+
+
+def contiguous_groups(columns: int, spec: QuantSpec) -> torch.Tensor:
+    """g_idx of consecutive groups: column j belongs to group j // groupsize (all to group 0 without groups)."""
+    if spec.groupsize is None:
+        return torch.zeros(columns, dtype=torch.int64)
+    return torch.arange(columns) // spec.groupsize
+
+
+def fit_groups(
+    weight: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (rows, groups) of every group, each fitted on the columns g_idx assigns to it."""
+    groups = spec.groups(weight.shape[1])
+    scale = torch.empty(weight.shape[0], groups, device=weight.device)
+    zero = torch.empty(weight.shape[0], groups, dtype=torch.int64, device=weight.device)
+    for group in range(groups):
+        scale[:, group], zero[:, group] = fit(weight[:, g_idx == group], spec, dtype)
+    return scale, zero
+
+
+@dataclass
+class QuantRecord:
+    """A layer on its grid: weight[:, j] = (ints[:, j] − zero[:, g]) · scale[:, g] with g = g_idx[j].
+
+    ints: uint8 (rows, columns); scale: (rows, groups) in the layer's dtype; zero: uint8 (rows, groups);
+    g_idx: int64 (columns,), the group of every column (contiguous unless act_order is "group").
+    """
+
+    spec: QuantSpec
+    ints: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight these integers stand for, in the scale's dtype (the layer's)."""
+        return read_grid(self.ints, self.scale, self.zero, self.g_idx)
+
+
+def read_grid(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Dense weight of grid integers (rows, columns), rounded once from float32 to the scale's dtype.
+
+    Every writer of dense weights and every reader of packed ones goes through here, so they agree bit for bit.
+    """
+    g_idx = g_idx.long()
+    return dequantize(ints, scale[:, g_idx], zero[:, g_idx]).to(scale.dtype)
+
+
+def round_to_nearest(weight: torch.Tensor, spec: QuantSpec) -> QuantRecord:
+    """Round-to-nearest onto grids fitted on `weight` itself (contiguous groups, no error compensation)."""
+    g_idx = contiguous_groups(weight.shape[1], spec).to(weight.device)
+    scale, zero = fit_groups(weight, spec, g_idx, weight.dtype)
+    ints = quantize(weight, scale[:, g_idx], zero[:, g_idx], spec)
+    return QuantRecord(spec, ints, scale.to(weight.dtype), zero.to(torch.uint8), g_idx)

@@ -1,0 +1,149 @@
+"""Reading packed and sparse outputs as the dense checkpoints they stand for, and `decompress` to write one out.
+
+`open_checkpoint` gives every command the dense view of a directory: a packed or sparse layerpress output is read
+through `DecodedCheckpoint`, which decodes a compressed layer's tensors into its weight when the weight is read, so
+`eval` and `compress` take such outputs as they are. `decompress` writes that view out tensor by tensor in the
+stored order, with the compress run's shard size, so its shards are byte for byte those of `--format dense`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from methods import QuantSpec
+
+from .checkpoint import Checkpoint, TensorEntry
+from .errors import LayerpressError
+from .files import atomic_write
+from .formats import FORMATS, Format, LayerPlan
+from .journal import Run
+from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
+
+log = logging.getLogger("layerpress")
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class DecodedEntry:
+    """A weight stored as a format's tensors (suffix -> stored name), read back whole."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    parts: dict[str, str]
+
+
+class DecodedCheckpoint:
+    """A packed or sparse output seen as dense: the same names, dtypes and order as `--format dense` writes."""
+
+    def __init__(self, stored: Checkpoint, fmt: Format):
+        self.stored, self.format = stored, fmt
+        self.directory = stored.directory
+        self.record = dict(stored.config["layerpress"])
+        self.config = {key: value for key, value in stored.config.items() if key != "quantization_config"}
+        self.config["layerpress"] = {**self.record, "format": "dense", "decompressed_from": fmt.name}
+        try:
+            self.dtype = getattr(torch, self.record["weight_dtype"])
+            self.quant = QuantSpec(**self.record["quantization"]) if self.record.get("quantization") else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LayerpressError(f"{self.directory}: damaged layerpress record in config.json ({exc})") from exc
+        self.entries: dict[str, TensorEntry | DecodedEntry] = {}
+        self._group(stored.entries)
+
+    def _group(self, stored: dict[str, TensorEntry]) -> None:
+        """Gather each layer's tensors under its weight's name, at the place of its first tensor."""
+        pattern = re.compile(r"(.*\.weight)_(" + "|".join(self.format.parts) + r")$")
+        parts: dict[str, dict[str, str]] = {}
+        for name in stored:
+            match = pattern.fullmatch(name)
+            if match is None or match.group(1) in stored:
+                self.entries[name] = stored[name]
+                continue
+            weight = match.group(1)
+            if weight not in parts:
+                parts[weight] = {}
+                self.entries[weight] = None  # keeps its place
+            parts[weight][match.group(2)] = name
+        shapes = self.stored.read([layer["shape"] for layer in parts.values() if "shape" in layer])
+        for weight, layer in parts.items():
+            if "shape" not in layer:
+                raise LayerpressError(f"{self.directory}: {weight} is stored without its weight_shape")
+            shape = tuple(int(dim) for dim in shapes[layer["shape"]])
+            self.entries[weight] = DecodedEntry(weight, self.dtype, shape, layer)
+
+    def fingerprint(self) -> str:
+        return self.stored.fingerprint()
+
+    @property
+    def bytes_read(self) -> int:
+        return self.stored.bytes_read
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        unknown = [name for name in names if name not in self.entries]
+        if unknown:
+            raise LayerpressError(f"checkpoint {self.directory} lacks tensor {unknown[0]!r}")
+        decoded = [self.entries[name] for name in names if isinstance(self.entries[name], DecodedEntry)]
+        wanted = [name for name in names if not isinstance(self.entries[name], DecodedEntry)]
+        stored = self.stored.read(wanted + [part for entry in decoded for part in entry.parts.values()])
+        tensors = {name: stored[name] for name in wanted}
+        for entry in decoded:
+            plan = LayerPlan(entry.name, entry.dtype, entry.shape, entry.dtype, self.quant)  # scales carry their dtype
+            parts = {suffix: stored[part] for suffix, part in entry.parts.items()}
+            tensors[entry.name] = self.format.decode(plan, parts)
+        return {name: tensors[name] for name in names}
+
+
+def open_checkpoint(directory: Path) -> Checkpoint | DecodedCheckpoint:
+    """The checkpoint in `directory` as dense tensors, whatever format layerpress wrote it in."""
+    checkpoint = Checkpoint(directory)
+    name = (checkpoint.config.get("layerpress") or {}).get("format", "dense")
+    if name not in FORMATS:
+        raise LayerpressError(f"{directory} was written in format {name!r}, which this layerpress cannot read")
+    return checkpoint if name == "dense" else DecodedCheckpoint(checkpoint, FORMATS[name])
+
+
+def decompress(model: Path, out: Path, max_shard_bytes: int | None = None, restart: bool = False) -> Path:
+    """Write the dense checkpoint a packed or sparse output stands for; resumes a partial run of the same command."""
+    if out.resolve() == model.resolve():
+        raise LayerpressError("the output directory must differ from the model directory")
+    started = time.perf_counter()
+    view = open_checkpoint(model)
+    if not isinstance(view, DecodedCheckpoint):
+        raise LayerpressError(f"{model} holds dense weights already; there is nothing to decompress")
+    max_bytes = max_shard_bytes or view.record.get("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES)
+    names = list(view.entries)
+    settings = {"source": str(model.resolve()), "max_shard_bytes": max_bytes}
+    run = Run(out, "decompress", settings, {"checkpoint": view.fingerprint()}, len(names), restart=restart)
+    try:
+        if run.complete:
+            log.info("%s is already complete; nothing to do (use --restart to redo it)", out)
+            return out
+        specs = [TensorSpec(name, entry.dtype, entry.shape) for name, entry in view.entries.items()]
+        state = WriterState(**run.body["writer"]) if "writer" in run.body else None
+        writer = ShardWriter(out, specs, max_bytes, state)
+        try:
+            for index in tqdm(range(run.blocks_done, len(names)), initial=run.blocks_done, total=len(names),
+                              desc="decompress", unit="tensor", disable=None):
+                writer.write(names[index], view.read([names[index]])[names[index]])
+                writer.sync()
+                run.record_block(index, None, {"writer": asdict(writer.state)}, {})
+            atomic_write(out / "config.json", json.dumps(view.config, indent=2).encode())
+            copy_side_files(model, out)
+            writer.write_index()
+        finally:
+            writer.close()
+        run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
+                    "bytes_read": view.bytes_read})
+    finally:
+        run.close()
+    log.info("wrote %s (%d shards) from the %s output %s", out, len(writer.shards), view.format.name, model)
+    return out
