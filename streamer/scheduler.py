@@ -33,6 +33,7 @@ from .data import (
     tokenize,
     windows_fingerprint,
 )
+from .allocation import Allocation
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run
@@ -58,6 +59,11 @@ class CompressSettings:
     max_shard_bytes: int = 5 * 10**9
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
+    allocation: Allocation = field(default_factory=Allocation)
+
+    def __post_init__(self) -> None:
+        if self.target.pattern is not None and self.allocation.kind != "uniform":
+            raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -66,13 +72,51 @@ class CompressSettings:
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
-            "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
+            "calibration": calibration_record(self.calib, self.nsamples, seqlen, self.seed),
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "true_sequential": self.true_sequential,
             "micro_batch": self.stream.micro_batch,
             "max_shard_bytes": self.max_shard_bytes,
+            # uniform leaves the record as it was before allocations existed, so older partial runs still resume
+            **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
         }
+
+
+def calibration_record(calib: str, nsamples: int, seqlen: int, seed: int) -> dict[str, Any]:
+    return {"source": describe_source(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+
+@dataclass
+class Calibrated:
+    """A checkpoint opened for a calibrated streaming pass: its staged model and the calibration windows."""
+
+    staged: StagedModel
+    windows: torch.Tensor
+    fingerprints: dict[str, str]
+
+    @property
+    def seqlen(self) -> int:
+        return self.windows.shape[1]
+
+
+def open_calibrated(
+    model: Path, calib: str, nsamples: int, seqlen: int, seed: int, device: torch.device, dtype: torch.dtype | None
+) -> Calibrated:
+    """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped)."""
+    checkpoint = Checkpoint(model)
+    staged = StagedModel(checkpoint, device, dtype)
+    windows = calibration_windows(
+        tokenize(load_tokenizer(model), load_text(calib)), nsamples, capped_seqlen(seqlen, checkpoint.config), seed
+    )
+    return Calibrated(staged, windows, {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)})
+
+
+def remove_offloaded_activations(options: StreamOptions) -> None:
+    """A finished pass no longer needs its --offload-activations files."""
+    if options.offload_dir is not None:
+        for i in (0, 1):
+            (options.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
 
 
 def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run_block: Callable[[], None]) -> None:
@@ -125,27 +169,37 @@ def compress(settings: CompressSettings) -> Path:
     """Compress a checkpoint block by block into `settings.out`; resumes a partial run of the same settings."""
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
-    checkpoint = Checkpoint(settings.model)
-    staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
-    seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
-    tokenizer = load_tokenizer(settings.model)
-    windows = calibration_windows(
-        tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
+    calibrated = open_calibrated(
+        settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
+        settings.dtype,
     )
-    record = settings.record(seqlen, staged.dtype)
-    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)}
-    run = Run(settings.out, "compress", record, fingerprints, staged.num_blocks, restart=settings.restart)
+    staged = calibrated.staged
+    record = settings.record(calibrated.seqlen, staged.dtype)
+    layer_targets = None
+    if settings.allocation.kind != "uniform":
+        layer_targets = settings.allocation.layer_sparsities(staged.linear_layers(), settings.target.sparsity)
+        record["layer_targets"] = layer_targets
+        log.info("allocation %s: layer sparsities from %.4f to %.4f", settings.allocation.kind,
+                 min(layer_targets.values()), max(layer_targets.values()))
+    run = Run(settings.out, "compress", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
     try:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record)
+
+            def target_for(name: str) -> Target:
+                return settings.target if layer_targets is None else Target(sparsity=layer_targets[name])
+
+            _compress(settings, staged, calibrated.windows, run, record, target_for)
     finally:
         run.close()
     return settings.out
 
 
-def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict) -> None:
+def _compress(
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict,
+    target_for: Callable[[str], Target],
+) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
     writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
@@ -158,7 +212,7 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
 
         def process(context: BlockContext) -> dict[str, Any]:
             clock = time.perf_counter()
-            layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+            layers = compress_block(context, settings.method, groups, target_for)
             context.timing["compress"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for name, tensor in staged.block_state(context.index).items():
@@ -183,7 +237,5 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
         writer.close()
     run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
                 "bytes_read": staged.checkpoint.bytes_read})
-    if settings.stream.offload_dir is not None:
-        for i in (0, 1):
-            (settings.stream.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
+    remove_offloaded_activations(settings.stream)
     log.info("wrote %s (%d shards)", settings.out, len(writer.shards))
