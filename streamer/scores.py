@@ -91,7 +91,10 @@ def score(settings: ScoreSettings) -> Path:
             started = time.perf_counter()
 
             def process(context: BlockContext) -> dict[str, Any]:
-                return {"layers": score_block(context, settings.scorer, prune=settings.inputs == "pruned")}
+                clock = time.perf_counter()
+                layers = score_block(context, settings.scorer, prune=settings.inputs == "pruned")
+                context.timing["score"] = time.perf_counter() - clock
+                return {"layers": layers}
 
             stream_blocks(staged, calibrated.windows, settings.stream, process, run, desc="scores")
             document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
