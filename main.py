@@ -105,8 +105,9 @@ def add_allocation(parser: argparse.ArgumentParser) -> None:
                        help="highest sparsity of any layer (default: --sparsity plus 0.1, below 1)")
     group.add_argument("--levels", type=int, default=3, help="score: number of log-loss levels (default: 3)")
     group.add_argument("--score-estimate", choices=SCORE_ESTIMATES, default="obs_loss",
-                       help="score: rank by the SparseGPT sweep's OBS loss (exact reconstruction error) or by the "
-                       "one-shot OBS saliency of the whole matrix (default: obs_loss)")
+                       help="score: rank by the SparseGPT sweep's OBS loss (exact reconstruction error), the "
+                       "one-shot OBS saliency of the whole matrix, or the OBS loss relative to the layer's output "
+                       "energy (default: obs_loss)")
     group.add_argument("--owl-lambda", type=float, default=0.08,
                        help="owl: sparsities spread over the target plus or minus this (default: 0.08)")
 

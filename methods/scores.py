@@ -10,7 +10,11 @@ that SparseGPT sweeps with:
   returns under the damped Hessian: what compressing this layer at this sparsity actually costs.
 - `saliency`: the one-shot OBS saliency of the whole matrix, ½ Σ_pruned w² / [U]_qq² over the probe fraction of
   weights with the lowest w² / [U]_qq² (the seed paper's L_ℓ). It ignores how removing one weight changes the others,
-  so it misjudges heavy pruning (on SmolLM2 it stays below the sweep's loss); it needs no sweep.
+  so it misjudges heavy pruning (in our measurements it stays below the sweep's loss); it needs no sweep.
+
+Both grow with the scale of the layer's output, which in a pre-norm transformer grows with depth. `output_energy`,
+‖WX‖² / N = ½ tr(W H Wᵀ), lets an allocation rank by the relative loss obs_loss / output_energy instead: the
+fraction of the layer's output that pruning destroys.
 
 The outlier counts are OWL's (Yin et al., 2024): Wanda scores |W_ij|·‖X_j‖ above M times the mean score of the
 whole block.
@@ -42,12 +46,14 @@ class LayerScore:
     obs_loss: dict[float, float]
     saliency: dict[float, float]
     damping: float
+    output_energy: float
     outliers: int = 0
     pruned: torch.Tensor | None = None
 
     def record(self) -> dict[str, Any]:
         return {
             "params": self.params, "outliers": self.outliers, "damping": self.damping,
+            "output_energy": self.output_energy,
             "obs_loss": {probe_key(p): v for p, v in self.obs_loss.items()},
             "saliency": {probe_key(p): v for p, v in self.saliency.items()},
         }
@@ -75,7 +81,8 @@ def score_layer(
     hessian, weight = prepare(gram.hessian, layer.weight.detach().float())
     factor, used_damping = inverse_cholesky(hessian, damping)
     saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
-    result = LayerScore(layer.weight.numel(), {}, {}, used_damping)
+    output_energy = float((weight.double() @ hessian.double() * weight.double()).sum() / 2)
+    result = LayerScore(layer.weight.numel(), {}, {}, used_damping, output_energy)
     for sparsity in sparsities:
         mask = lowest_overall(saliency, int(weight.numel() * sparsity))
         result.saliency[sparsity] = one_shot_saliency(weight, factor, mask)

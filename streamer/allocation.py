@@ -22,7 +22,7 @@ from .model import LinearLayer
 log = logging.getLogger("layerpress")
 
 ALLOCATIONS = ("uniform", "score", "owl", "depth")
-SCORE_ESTIMATES = ("obs_loss", "saliency")
+SCORE_ESTIMATES = ("obs_loss", "saliency", "relative")
 DEFAULT_SPREAD = 0.1  # default bounds: the target ∓ this
 SCORES_FILE = "scores.json"
 
@@ -38,6 +38,13 @@ def read_scores(directory: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise LayerpressError(f"{path} is not a readable scores file: {exc!r}") from exc
     return document
+
+
+def layer_loss(record: dict[str, Any], estimate: str, probe: float) -> float:
+    """A layer's estimated pruning loss at `probe`: obs_loss, saliency, or relative (obs_loss / output energy)."""
+    if estimate == "relative":
+        return record["obs_loss"][probe_key(probe)] / max(record["output_energy"], 1e-30)
+    return record[estimate][probe_key(probe)]
 
 
 def nearest_probe(document: dict[str, Any], target: float) -> float:
@@ -116,7 +123,7 @@ class Allocation:
                 probe = nearest_probe(document, target)
                 if probe != target:
                     log.warning("no scores at sparsity %g in %s; using the nearest probe, %g", target, self.scores, probe)
-                losses = [scores[layer.name][self.estimate][probe_key(probe)] for layer in layers]
+                losses = [layer_loss(scores[layer.name], self.estimate, probe) for layer in layers]
                 chosen = maths.by_score_levels(losses, params, target, lower, upper, self.levels)
             else:
                 ratios = _block_outlier_ratios(layers, scores)

@@ -63,6 +63,9 @@ def test_obs_loss_is_the_measured_reconstruction_error_of_the_sweep():
             estimated.append(score.obs_loss[sparsity])
             measured.append(reconstruction_error(layer.weight.detach(), score.pruned, inputs))
     assert estimated == pytest.approx(measured, rel=1e-3)
+    weight = layer.weight.detach()
+    assert score.output_energy == pytest.approx(reconstruction_error(weight, torch.zeros_like(weight), inputs),
+                                                rel=1e-5)
     # with the default damping the estimate is of the damped Hessian: close, and ranked the same
     estimated, measured = [], []
     for sparsity in (0.2, 0.4, 0.6, 0.8):

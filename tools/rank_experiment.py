@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamer.allocation import ALLOCATIONS, SCORES_FILE, Allocation, nearest_probe  # noqa: E402
+from streamer.allocation import ALLOCATIONS, SCORES_FILE, Allocation, layer_loss, nearest_probe  # noqa: E402
 from streamer.files import atomic_write  # noqa: E402
 from streamer.journal import read_journal  # noqa: E402
 from streamer.model import LinearLayer  # noqa: E402
@@ -217,7 +217,7 @@ def layer_analysis(experiment: Experiment) -> dict[str, Any]:
                                 "command": as_shell(experiment.scores_command()), "targets": {}}
     for target in sorted(set(experiment.args.sparsity)):
         probe = nearest_probe(document, target)
-        losses = [document["layers"][layer.name]["obs_loss"][repr(float(probe))] for layer in layers]
+        losses = [layer_loss(document["layers"][layer.name], "obs_loss", probe) for layer in layers]
         allocations = {
             kind: Allocation(kind=kind, scores=experiment.scores_dir).layer_sparsities(layers, target)
             for kind in ALLOCATIONS
@@ -247,19 +247,23 @@ def plot(experiment: Experiment, report: dict[str, Any]) -> list[str]:
         layers = layers_of(document)
         types = list(dict.fromkeys(layer.linear for layer in layers))
         probes = document["sparsities"]
-        figure, axes = plt.subplots(2, len(probes), figsize=(5 * len(probes), 8), squeeze=False, sharex=True)
+        estimates = ["obs_loss", "saliency"]
+        if all("output_energy" in record for record in document["layers"].values()):
+            estimates.append("relative")
+        figure, axes = plt.subplots(len(estimates), len(probes), figsize=(5 * len(probes), 4 * len(estimates)),
+                                    squeeze=False, sharex=True)
         for column, probe in enumerate(probes):
-            for row, estimate in enumerate(("obs_loss", "saliency")):
+            for row, estimate in enumerate(estimates):
                 axis = axes[row][column]
                 for linear in types:
                     chosen = [layer for layer in layers if layer.linear == linear]
-                    values = [document["layers"][layer.name][estimate][repr(float(probe))] for layer in chosen]
+                    values = [layer_loss(document["layers"][layer.name], estimate, probe) for layer in chosen]
                     axis.plot([layer.block for layer in chosen], [math.log10(max(v, 1e-30)) for v in values],
                               marker=".", label=short_type(linear))
                 axis.set_title(f"{estimate} at probe sparsity {probe:g}")
                 axis.set_ylabel("log10 estimated loss")
                 axis.grid(alpha=0.3)
-            axes[1][column].set_xlabel("block")
+            axes[-1][column].set_xlabel("block")
         axes[0][0].legend(ncol=2, fontsize=8)
         figure.suptitle(f"Estimated pruning loss per layer type over depth ({document['inputs']} inputs)")
         figure.tight_layout()
@@ -271,8 +275,7 @@ def plot(experiment: Experiment, report: dict[str, Any]) -> list[str]:
         figure, axes = plt.subplots(len(targets), 2, figsize=(14, 3.6 * len(targets)), squeeze=False)
         positions = list(range(len(layers)))
         for row, (target, analysis) in enumerate(targets.items()):
-            probe = repr(float(analysis["probe"]))
-            losses = [document["layers"][layer.name]["obs_loss"][probe] for layer in layers]
+            losses = [layer_loss(document["layers"][layer.name], "obs_loss", analysis["probe"]) for layer in layers]
             order = sorted(positions, key=lambda i: losses[i])
             rank = [0] * len(layers)
             for r, i in enumerate(order):
