@@ -33,10 +33,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from streamer.allocation import ALLOCATIONS, SCORES_FILE, Allocation, layer_loss, nearest_probe  # noqa: E402
+from streamer.checkpoint import Checkpoint  # noqa: E402
 from streamer.files import atomic_write  # noqa: E402
 from streamer.journal import read_journal  # noqa: E402
-from streamer.model import LinearLayer  # noqa: E402
+from streamer.model import LinearLayer, StagedModel  # noqa: E402
 from tools.smollm2_demo import cli  # noqa: E402
 
 DEFAULT_RUNS = ["sparsegpt:uniform", "sparsegpt:score", "sparsegpt:owl", "sparsegpt:depth", "wanda:uniform", "wanda:owl"]
@@ -78,6 +81,16 @@ class Experiment:
         self.probes = sorted(set(args.sparsity))
 
     # ---------------------------------------------------------------- commands
+    def command(self) -> str:
+        """The invocation that (re)produces this whole report."""
+        args = self.args
+        options = ["--model", str(args.model), "--out", str(self.out), "--sparsity", *(f"{s:g}" for s in args.sparsity),
+                   "--runs", *args.runs, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                   "--windows", str(args.windows), "--device", args.device]
+        options += ["--calib", args.calib] if args.calib else []
+        options += ["--data", args.data] if args.data else []
+        return "python tools/rank_experiment.py " + shlex.join(options)
+
     def calibration(self) -> list[str]:
         text = ["--calib", self.args.calib] if self.args.calib else []
         return [*text, "--nsamples", str(self.args.nsamples), "--seqlen", str(self.args.seqlen), "--seed", "0",
@@ -171,13 +184,15 @@ def collect(experiment: Experiment) -> dict[str, Any]:
     """Every number of the report: perplexities, layer ranks and allocations, with their commands."""
     args = experiment.args
     report: dict[str, Any] = {
-        "command": "python tools/rank_experiment.py " + shlex.join(sys.argv[1:]),
+        "command": experiment.command(),
         "model": str(args.model),
         "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0, "windows": args.windows,
                      "device": args.device},
         "note": "timings measured on a shared, loaded 2-core machine",
         "runs": [],
     }
+    params = {layer.name: layer.params
+              for layer in StagedModel(Checkpoint(args.model), torch.device("cpu")).linear_layers()}
     dense = experiment.results_dir / "dense.json"
     if dense.is_file():
         report["dense"] = json.loads(dense.read_text())
@@ -196,6 +211,8 @@ def collect(experiment: Experiment) -> dict[str, Any]:
             achieved = record.get("layer_sparsity", {})
             targets = record.get("layer_targets") or {}
             entry["layer_sparsity_range"] = [min(achieved.values()), max(achieved.values())] if achieved else None
+            if achieved.keys() == params.keys():
+                entry["global_sparsity"] = sum(achieved[n] * params[n] for n in params) / sum(params.values())
             entry["layer_targets_range"] = [min(targets.values()), max(targets.values())] if targets else None
             report["runs"].append(entry)
     if (experiment.scores_dir / SCORES_FILE).is_file():
@@ -356,12 +373,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {target} | {analysis['probe']:g} | {analysis['rank_vs_order_spearman']:.3f} | "
                          f"{analysis['score_vs_depth_allocation_spearman']:.3f} |")
         lines.append("")
-    lines += ["| run | ppl | layer sparsity range | compress s | eval s | compress command | eval command |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| run | ppl | achieved global sparsity | layer sparsity range | compress s | eval s | compress command "
+              "| eval command |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in report["runs"]:
         span = run["layer_sparsity_range"]
         span_text = f"{span[0]:.3f}-{span[1]:.3f}" if span else ""
-        lines.append(f"| {run['name']} | {run['ppl']:.3f} | {span_text} | {run.get('compress_seconds', 0):.0f} | "
+        overall = f"{run['global_sparsity']:.4f}" if "global_sparsity" in run else ""
+        lines.append(f"| {run['name']} | {run['ppl']:.3f} | {overall} | {span_text} | {run.get('compress_seconds', 0):.0f} | "
                      f"{run['eval_seconds']:.0f} | `{run['compress_command']}` | `{run['eval_command']}` |")
     return "\n".join(lines) + "\n"
 
