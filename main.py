@@ -33,6 +33,8 @@ examples:
   python main.py compress --model IN --out OUT --method gptq --wbits 4 --groupsize 128
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.7 --wbits 4 --format packed
   python main.py decompress --model OUT --out DENSE_DIR
+  python main.py scores --model IN --out SCORES --sparsity 0.7
+  python main.py compress --model IN --out OUT --sparsity 0.7 --allocation score --scores SCORES
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -127,7 +129,6 @@ def add_method(parser: argparse.ArgumentParser) -> None:
                               help="gptq, sparsegpt: visit columns by descending Hessian diagonal; groups stay "
                               "contiguous (weight, the default when given bare) or follow the visit order (group: "
                               "stores weight_g_idx, which compressed-tensors >= 0.20 no longer reads)")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     parser.add_argument("--true-sequential", action="store_true",
                         help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
                         "through the already-compressed groups before it")
@@ -142,6 +143,40 @@ def add_output(parser: argparse.ArgumentParser, max_shard_default: str | None = 
     parser.add_argument("--max-shard-size", type=parse_size, default=max_shard_default,
                         help=f"largest output shard, e.g. 5GB, 500MB, 2GiB (default: {default})")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+
+
+def add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
+                        help="calibration text: a file, a saved datasets directory, or a datasets spec "
+                        "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
+
+
+def add_allocation(parser: argparse.ArgumentParser) -> None:
+    from streamer.allocation import ALLOCATIONS, SCORE_ESTIMATES
+
+    group = parser.add_argument_group(
+        "per-layer sparsity", "how --sparsity is spread over the layers; every allocation keeps the parameter-"
+        "weighted mean exactly at --sparsity, each layer within [--min-sparsity, --max-sparsity]",
+    )
+    group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                       help="uniform: every layer at --sparsity; score: levels of log10 estimated pruning loss, "
+                       "lower-loss levels pruned more (needs --scores); owl: blocks with more outlier Wanda scores "
+                       "pruned less (needs --scores); depth: rising linearly with block index (default: uniform)")
+    group.add_argument("--scores", type=Path, default=None, metavar="DIR",
+                       help="output directory of `main.py scores` on this model (for score and owl)")
+    group.add_argument("--min-sparsity", type=float, default=None,
+                       help="lowest sparsity of any layer (default: --sparsity minus 0.1)")
+    group.add_argument("--max-sparsity", type=float, default=None,
+                       help="highest sparsity of any layer (default: --sparsity plus 0.1, below 1)")
+    group.add_argument("--levels", type=int, default=3, help="score: number of log-loss levels (default: 3)")
+    group.add_argument("--score-estimate", choices=SCORE_ESTIMATES, default="obs_loss",
+                       help="score: rank by the SparseGPT sweep's OBS loss (exact reconstruction error), the "
+                       "one-shot OBS saliency of the whole matrix, or the OBS loss relative to the layer's output "
+                       "energy (default: obs_loss)")
+    group.add_argument("--owl-lambda", type=float, default=0.08,
+                       help="owl: sparsities spread over the target plus or minus this (default: 0.08)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,15 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(compress, planned=True)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
     add_method(compress)
-    compress.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
-                          help="calibration text: a file, a saved datasets directory, or a datasets spec "
-                          "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
-    compress.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
+    add_calibration(compress)
     add_output(compress)
     compress.add_argument("--format", choices=sorted(FORMATS), default="dense",
                           help="; ".join(f"{name}: {fmt.summary}" for name, fmt in sorted(FORMATS.items()))
                           + " (default: dense)")
     add_planning(compress)
+    add_allocation(compress)
 
     plan = commands.add_parser(
         "plan", help="will a compress run fit, with which settings, and how long will it take",
@@ -179,10 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(plan, device=torch.device, planned=True)
     add_method(plan)
+    plan.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     add_planning(plan)
     plan.add_argument("--speed", type=Path, default=None, metavar="FILE",
                       help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
     plan.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
+
+    scores = commands.add_parser(
+        "scores", help="estimate each linear layer's pruning loss (input of --allocation score and owl)",
+        description="Stream the model block by block and write OUT/scores.json: for every linear layer its "
+        "parameter count, the OBS loss estimates of pruning it at each probe --sparsity (the SparseGPT sweep's "
+        "accumulated loss and the one-shot saliency sum w^2/[U]_qq^2 of the weights the mask removes) and its count "
+        "of outlier Wanda scores (OWL). Re-running the same command on a partial output resumes it.",
+    )
+    add_common(scores)
+    scores.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
+    scores.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
+                        help="probe sparsities of the estimates, one or several (default: 0.5)")
+    scores.add_argument("--inputs", choices=("dense", "pruned"), default="dense",
+                        help="score each block on the dense model's activations, or on those of earlier blocks "
+                        "pruned by SparseGPT at the probe sparsity, as sequential pruning sees them (default: dense)")
+    scores.add_argument("--outlier-threshold", type=float, default=5.0,
+                        help="OWL's M: a Wanda score is an outlier above M times its block's mean (default: 5)")
+    add_calibration(scores)
+    scores.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+    METHODS["sparsegpt"].add_arguments(scores.add_argument_group("OBS options (as sparsegpt's)"))
 
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
@@ -204,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(decompress, max_shard_default=None)
 
     status = commands.add_parser("status", help="how far a run in an output directory got, and what is left")
-    status.add_argument("out", type=Path, help="output directory of a compress run")
+    status.add_argument("out", type=Path, help="output directory of a compress or scores run")
     return parser
 
 
@@ -264,6 +318,7 @@ def budget(args: argparse.Namespace):
 
 
 def run_compress(args: argparse.Namespace) -> None:
+    from streamer.allocation import Allocation
     from streamer.scheduler import CompressSettings, compress
 
     method = make_method(args)
@@ -285,6 +340,10 @@ def run_compress(args: argparse.Namespace) -> None:
         statistics_per_layer=args.statistics_per_layer,
         budget=budget(args),
         format=args.format,
+        allocation=Allocation(
+            kind=args.allocation, min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, scores=args.scores,
+            levels=args.levels, estimate=args.score_estimate, owl_lambda=args.owl_lambda,
+        ),
     )
     compress(settings)
 
@@ -323,6 +382,22 @@ def run_decompress(args: argparse.Namespace) -> None:
     decompress(args.model, args.out, args.max_shard_size, args.restart)
 
 
+def run_scores(args: argparse.Namespace) -> None:
+    from methods.scores import Scorer
+    from streamer.scores import ScoreSettings, score
+
+    try:
+        scorer = Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
+    settings = ScoreSettings(
+        model=args.model, out=args.out, scorer=scorer, calib=args.calib, inputs=args.inputs, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else None, restart=args.restart,
+        stream=stream_options(args),
+    )
+    print(score(settings))
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from streamer.evaluate import perplexity
 
@@ -349,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         check_counts(args)
-        commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "eval": run_eval,
-                    "status": run_status}
+        commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "scores": run_scores,
+                    "eval": run_eval, "status": run_status}
         commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)

@@ -32,6 +32,16 @@ class BlockExtras:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LinearLayer:
+    """A compressible linear layer: its full module path, its block, its name in the block, its weight count."""
+
+    name: str
+    block: int
+    linear: str
+    params: int
+
+
 class _FirstBlockReached(Exception):
     pass
 
@@ -193,6 +203,18 @@ class StagedModel:
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {name: block.get_submodule(name) for name in self.adapter.linear_names}
+
+    def layer_name(self, index: int, linear: str) -> str:
+        """The full module path of a linear layer of block `index`, as records and logs name it."""
+        return f"{self.adapter.blocks}.{index}.{linear}"
+
+    def linear_layers(self) -> list[LinearLayer]:
+        """Every compressible linear layer of the model in forward order (shapes from the meta skeleton)."""
+        return [
+            LinearLayer(self.layer_name(index, name), index, name, layer.weight.numel())
+            for index, block in enumerate(self.blocks)
+            for name, layer in self.linears(block).items()
+        ]
 
     # ---------------------------------------------------------------- stages
     def _final_modules(self) -> list[nn.Module]:

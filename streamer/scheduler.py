@@ -41,6 +41,7 @@ from .data import (
     tokenize,
     windows_fingerprint,
 )
+from .allocation import Allocation
 from .errors import LayerpressError
 from .files import atomic_write
 from .formats import FORMATS, Format, LayerPlan, compressed_tensors_config
@@ -72,6 +73,11 @@ class CompressSettings:
     statistics_per_layer: bool = False  # force it; otherwise the plan turns it on when a group's do not fit
     budget: Budget | None = None  # memory the plan may use; None: the machine's totals
     format: str = "dense"
+    allocation: Allocation = field(default_factory=Allocation)
+
+    def __post_init__(self) -> None:
+        if self.target.pattern is not None and self.allocation.kind != "uniform":
+            raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -82,13 +88,51 @@ class CompressSettings:
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
             "quantization": asdict(self.target.quant) if self.target.quant else None,
             "format": self.format,
-            "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
+            "calibration": calibration_record(self.calib, self.nsamples, seqlen, self.seed),
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "true_sequential": self.true_sequential,
             "micro_batch": self.stream.micro_batch,
             "max_shard_bytes": self.max_shard_bytes,
+            # uniform leaves the record as it was before allocations existed, so older partial runs still resume
+            **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
         }
+
+
+def calibration_record(calib: str, nsamples: int, seqlen: int, seed: int) -> dict[str, Any]:
+    return {"source": describe_source(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+
+@dataclass
+class Calibrated:
+    """A checkpoint opened for a calibrated streaming pass: its staged model and the calibration windows."""
+
+    staged: StagedModel
+    windows: torch.Tensor
+    fingerprints: dict[str, str]
+
+    @property
+    def seqlen(self) -> int:
+        return self.windows.shape[1]
+
+
+def open_calibrated(
+    model: Path, calib: str, nsamples: int, seqlen: int, seed: int, device: torch.device, dtype: torch.dtype | None
+) -> Calibrated:
+    """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped)."""
+    checkpoint = open_checkpoint(model)
+    staged = StagedModel(checkpoint, device, dtype)
+    windows = calibration_windows(
+        tokenize(load_tokenizer(model), load_text(calib)), nsamples, capped_seqlen(seqlen, checkpoint.config), seed
+    )
+    return Calibrated(staged, windows, {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)})
+
+
+def remove_offloaded_activations(options: StreamOptions) -> None:
+    """A finished pass no longer needs its --offload-activations files."""
+    if options.offload_dir is not None:
+        for i in (0, 1):
+            (options.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
 
 
 class LayersObserved(Exception):
@@ -196,11 +240,14 @@ def zero_fraction(weight: torch.Tensor) -> float:
     return torch.count_nonzero(weight == 0).item() / weight.numel()
 
 
-def layer_plans(staged: StagedModel, method: Method, target: Target) -> dict[str, LayerPlan]:
+def layer_plans(
+    staged: StagedModel, method: Method, target_for: Callable[[str], Target]
+) -> dict[str, LayerPlan]:
     """What the output stage knows of every compressed weight up front, by checkpoint name."""
     plans = {}
     for index in range(staged.num_blocks):
-        for name in staged.linear_weight_names(index).values():
+        for linear, name in staged.linear_weight_names(index).items():
+            target = target_for(staged.layer_name(index, linear))
             entry = staged.checkpoint.entries[name]
             rows, columns = entry.shape
             pruned = method.pruned_count(rows, columns, target)
@@ -251,29 +298,36 @@ def compress(settings: CompressSettings) -> Path:
     """Compress a checkpoint block by block into `settings.out`; resumes a partial run of the same settings."""
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
-    checkpoint = open_checkpoint(settings.model)
-    staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
+    calibrated = open_calibrated(
+        settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
+        settings.dtype,
+    )
+    staged = calibrated.staged
     try:
         settings.method.check(settings.target)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
-    seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
-    plan = apply_plan(settings, staged, seqlen)
-    tokenizer = load_tokenizer(settings.model)
-    windows = calibration_windows(
-        tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
-    )
+    plan = apply_plan(settings, staged, calibrated.seqlen)
+    record = settings.record(calibrated.seqlen, staged.dtype)
+    layer_targets = None
+    if settings.allocation.kind != "uniform":
+        layer_targets = settings.allocation.layer_sparsities(staged.linear_layers(), settings.target.sparsity)
+        record["layer_targets"] = layer_targets
+        log.info("allocation %s: layer sparsities from %.4f to %.4f", settings.allocation.kind,
+                 min(layer_targets.values()), max(layer_targets.values()))
+
+    def target_for(name: str) -> Target:
+        return settings.target if layer_targets is None else replace(settings.target, sparsity=layer_targets[name])
+
     fmt = FORMATS[settings.format]
-    plans = layer_plans(staged, settings.method, settings.target)
+    plans = layer_plans(staged, settings.method, target_for)
     check_plans(fmt, plans)
-    record = settings.record(seqlen, staged.dtype)
-    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)}
-    run = Run(settings.out, "compress", record, fingerprints, staged.num_blocks, restart=settings.restart)
+    run = Run(settings.out, "compress", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
     try:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record, plan, fmt, plans)
+            _compress(settings, staged, calibrated.windows, run, record, plan, fmt, plans, target_for)
     finally:
         run.close()
     return settings.out
@@ -331,7 +385,7 @@ def _recorded_micro_batch(settings: CompressSettings) -> int | None:
 
 def _compress(
     settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan,
-    fmt: Format, plans: dict[str, LayerPlan],
+    fmt: Format, plans: dict[str, LayerPlan], target_for: Callable[[str], Target],
 ) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
@@ -354,8 +408,7 @@ def _compress(
 
             def process(context: BlockContext) -> dict[str, Any]:
                 """Compress the block, then write it on the writer thread while the loop propagates through it."""
-                results = compress_block(context, settings.method, groups, lambda name: settings.target,
-                                         plan.choice.per_layer_statistics)
+                results = compress_block(context, settings.method, groups, target_for, plan.choice.per_layer_statistics)
                 with context.phase("encode"):
                     tensors = encoded_block_state(staged, context.index, fmt, plans, results)
                 pending.append(background.submit(write, tensors))
@@ -379,7 +432,5 @@ def _compress(
         writer.close()
     run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
                 "bytes_read": staged.checkpoint.bytes_read})
-    if settings.stream.offload_dir is not None:
-        for i in (0, 1):
-            (settings.stream.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
+    remove_offloaded_activations(settings.stream)
     log.info("wrote %s (%d shards)", settings.out, len(writer.shards))

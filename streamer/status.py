@@ -21,9 +21,12 @@ def describe(out: Path) -> str:
         lines.append(f"  mean time per block: {per_block:.1f}s")
         if body["state"] != "complete":
             lines.append(f"  left: {total - done} blocks, about {per_block * (total - done) / 60:.1f} min")
-    lines.append(f"  shards finished: {len(body['writer']['checksums'])}")
+    if "writer" in body:  # compress writes shards; a score pass writes scores.json at the end
+        lines.append(f"  shards finished: {len(body['writer']['checksums'])}")
     if body.get("summary"):
-        lines.append(f"  total: {body['summary']['seconds']:.1f}s, {body['summary']['bytes_written']} bytes written")
+        summary = body["summary"]
+        written = f", {summary['bytes_written']} bytes written" if "bytes_written" in summary else ""
+        lines.append(f"  total: {summary['seconds']:.1f}s{written}")
     lines.append("  settings: " + json.dumps(body["settings"], sort_keys=True))
     lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in body["versions"].items()))
     return "\n".join(lines)

@@ -79,7 +79,7 @@ class BlockContext:
 
     def layer_name(self, linear: str) -> str:
         """The full module path of a linear layer of this block, as records and logs name it."""
-        return f"{self.staged.adapter.blocks}.{self.index}.{linear}"
+        return self.staged.layer_name(self.index, linear)
 
     @property
     def linears(self) -> dict[str, nn.Linear]:

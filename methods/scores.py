@@ -1,0 +1,143 @@
+"""How much pruning would hurt a layer: the per-layer numbers the sparsity allocations rank layers by.
+
+Both loss estimates are in the units of the layer-wise reconstruction error ‖WX − ŴX‖² / N (N calibration tokens;
+with H = 2XᵀX/N this is ½·ΔW H ΔWᵀ summed over rows), and both use the upper Cholesky factor U of the damped H⁻¹
+that SparseGPT sweeps with:
+
+- `obs_loss`: the loss SparseGPT's sweep accumulates while it prunes the layer at the probe sparsity,
+  Σ (w − ŵ)² / [U]_jj² / 2 with the weights as the sweep has updated them. Because the sweep eliminates columns in
+  order with the Cholesky factor's conditional variances, this is the exact reconstruction error of the weights it
+  returns under the damped Hessian: what compressing this layer at this sparsity actually costs.
+- `saliency`: the one-shot OBS saliency of the whole matrix, ½ Σ_pruned w² / [U]_qq² over the probe fraction of
+  weights with the lowest w² / [U]_qq² (the seed paper's L_ℓ). It ignores how removing one weight changes the others,
+  so it misjudges heavy pruning (in our measurements it stays below the sweep's loss); it needs no sweep.
+
+Both grow with the scale of the layer's output, which in a pre-norm transformer grows with depth. `output_energy`,
+‖WX‖² / N = ½ tr(W H Wᵀ), lets an allocation rank by the relative loss obs_loss / output_energy instead: the
+fraction of the layer's output that pruning destroys.
+
+The outlier counts are OWL's (Yin et al., 2024): Wanda scores |W_ij|·‖X_j‖ above M times the mean score of the
+whole block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Target
+from .hessian import dead_inputs, inverse_cholesky
+from .masks import lowest_overall
+from .obs import sweep
+from .statistics import Gram
+
+
+@dataclass
+class LayerScore:
+    """What the score pass records for one linear layer, with both loss estimates per probe sparsity.
+
+    pruned: the sweep's weight at the probe, when asked for (to propagate pruned inputs), else None.
+    """
+
+    params: int
+    obs_loss: dict[float, float]
+    saliency: dict[float, float]
+    damping: float
+    output_energy: float
+    outliers: int = 0
+    pruned: torch.Tensor | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "params": self.params, "outliers": self.outliers, "damping": self.damping,
+            "output_energy": self.output_energy,
+            "obs_loss": {probe_key(p): v for p, v in self.obs_loss.items()},
+            "saliency": {probe_key(p): v for p, v in self.saliency.items()},
+        }
+
+
+def probe_key(sparsity: float) -> str:
+    """How a probe sparsity is written as a JSON key: its shortest repr, e.g. "0.7"."""
+    return repr(float(sparsity))
+
+
+def one_shot_saliency(weight: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor) -> float:
+    """½ Σ over the masked weights of w² / [U]_qq²: the OBS loss estimate of removing them, each on its own."""
+    saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
+    return float(saliency[mask].double().sum() / 2)
+
+
+def score_layer(
+    layer: nn.Linear, gram: Gram, sparsities: tuple[float, ...], damping: float, blocksize: int,
+    keep_pruned: bool = False,
+) -> LayerScore:
+    """Both loss estimates of pruning `layer` to each probe sparsity (unstructured), from one Cholesky factor.
+
+    keep_pruned: also return the sweep's weight at the (single) probe.
+    """
+    weight = layer.weight.detach().to(torch.float32, copy=True)
+    weight[:, dead_inputs(gram.gram)] = 0.0
+    factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
+    saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
+    output_energy = float((weight.double() @ gram.hessian.double() * weight.double()).sum() / 2)
+    result = LayerScore(layer.weight.numel(), {}, {}, used_damping, output_energy)
+    for sparsity in sparsities:
+        mask = lowest_overall(saliency, int(weight.numel() * sparsity))
+        result.saliency[sparsity] = one_shot_saliency(weight, factor, mask)
+        pruned, _, result.obs_loss[sparsity] = sweep(weight.clone(), factor, Target(sparsity=sparsity), blocksize)
+        if keep_pruned:
+            result.pruned = pruned.to(layer.weight.dtype)
+    return result
+
+
+def wanda_scores(layer: nn.Linear, gram: Gram) -> torch.Tensor:
+    """|W_ij|·‖X_j‖ times sqrt(2/N) (from H_jj = 2‖X_j‖²/N): the same factor for every layer of a block, which
+    outlier ratios do not see."""
+    return layer.weight.detach().float().abs() * gram.hessian.diagonal().sqrt().unsqueeze(0)
+
+
+def outlier_counts(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, int]:
+    """Per layer, how many of its scores exceed `threshold` times the mean score of all the layers together."""
+    total = sum(float(s.double().sum()) for s in scores.values())
+    mean = total / sum(s.numel() for s in scores.values())
+    return {name: int((s > threshold * mean).sum()) for name, s in scores.items()}
+
+
+@dataclass
+class Scorer:
+    """The per-block maths of the score pass. sparsities: the probes; damping, blocksize: SparseGPT's;
+    outlier_threshold: OWL's M."""
+
+    sparsities: tuple[float, ...]
+    damping: float = 0.01
+    blocksize: int = 128
+    outlier_threshold: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.sparsities or not all(0.0 <= s < 1.0 for s in self.sparsities):
+            raise ValueError(f"probe sparsities must lie in [0, 1), got {list(self.sparsities)}")
+        if self.blocksize < 1 or self.damping < 0 or self.outlier_threshold <= 0:
+            raise ValueError("scores need blocksize >= 1, damping >= 0 and an outlier threshold > 0")
+
+    def statistic(self, layer: nn.Linear) -> Gram:
+        return Gram(layer)
+
+    def score_block(
+        self, layers: dict[str, nn.Linear], grams: dict[str, Gram], keep_pruned: bool = False
+    ) -> dict[str, LayerScore]:
+        """Every layer of one block scored; outliers are counted against the whole block's mean Wanda score.
+
+        keep_pruned: return each layer's weight pruned at the probe (needs exactly one probe).
+        """
+        if keep_pruned and len(self.sparsities) != 1:
+            raise ValueError("pruning while scoring needs exactly one probe sparsity")
+        outliers = outlier_counts({name: wanda_scores(layer, grams[name]) for name, layer in layers.items()},
+                                  self.outlier_threshold)
+        scores = {}
+        for name, layer in layers.items():
+            scores[name] = score_layer(layer, grams[name], self.sparsities, self.damping, self.blocksize, keep_pruned)
+            scores[name].outliers = outliers[name]
+        return scores

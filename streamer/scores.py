@@ -1,0 +1,127 @@
+"""`scores`: how much pruning would hurt each linear layer, measured in one streaming pass like compress.
+
+    embed calibration windows ─► for each block: read ─► observe ─► score ─► (prune) ─► propagate ─► journal
+
+Every linear layer gets the loss estimates of pruning it at each probe sparsity (one pass serves several: the
+Hessian and its factor are shared) and OWL's outlier count (methods/scores.py); the allocations of
+`compress --allocation score|owl` rank layers by them.
+
+Inputs: by default each block is scored on the inputs the DENSE model gives it (`--inputs dense`). The scores then
+describe the model itself rather than one pruning schedule, so one pass serves every allocation and target near the
+probe, and OWL's outlier ratios are defined on the dense model. `--inputs pruned` prunes each block with SparseGPT at
+the probe sparsity before propagating, as the seed paper's sequential pruning does: the scores then include the
+errors of earlier blocks pruned uniformly.
+
+Resumable like compress: the journal in OUT/.layerpress keeps each finished block's scores and the next block's
+inputs; OUT/scores.json is written once all blocks are done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from methods.scores import Scorer
+
+from .allocation import SCORES_FILE
+from .errors import LayerpressError
+from .files import atomic_write
+from .journal import Run
+from .scheduler import calibration_record, observe, open_calibrated, remove_offloaded_activations
+from .stream import BlockContext, StreamOptions, stream_blocks
+
+log = logging.getLogger("layerpress")
+
+INPUTS = ("dense", "pruned")
+
+
+@dataclass
+class ScoreSettings:
+    model: Path
+    out: Path
+    scorer: Scorer
+    calib: str
+    inputs: str = "dense"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    restart: bool = False
+    stream: StreamOptions = field(default_factory=StreamOptions)
+
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUTS:
+            raise LayerpressError(f"--inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
+        if self.inputs == "pruned" and len(self.scorer.sparsities) != 1:
+            raise LayerpressError("--inputs pruned prunes at the probe sparsity: give exactly one --sparsity")
+
+    def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
+        """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
+        return {
+            "sparsities": list(self.scorer.sparsities),
+            "inputs": self.inputs,
+            "scorer": {"damping": self.scorer.damping, "blocksize": self.scorer.blocksize,
+                       "outlier_threshold": self.scorer.outlier_threshold},
+            "calibration": calibration_record(self.calib, self.nsamples, seqlen, self.seed),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": self.stream.device.type,
+            "micro_batch": self.stream.micro_batch,
+        }
+
+
+def score(settings: ScoreSettings) -> Path:
+    """Score every linear layer of a checkpoint into `settings.out`/scores.json; resumes a partial run."""
+    calibrated = open_calibrated(
+        settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
+        settings.dtype,
+    )
+    staged = calibrated.staged
+    record = settings.record(calibrated.seqlen, staged.dtype)
+    run = Run(settings.out, "scores", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
+    try:
+        if run.complete:
+            log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
+        else:
+            started = time.perf_counter()
+
+            def process(context: BlockContext) -> dict[str, Any]:
+                return {"layers": score_block(context, settings.scorer, prune=settings.inputs == "pruned")}
+
+            stream_blocks(staged, calibrated.windows, settings.stream, process, run, desc="scores")
+            document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
+            atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
+            run.finish({"seconds": time.perf_counter() - started})
+            remove_offloaded_activations(settings.stream)
+            log.info("wrote %s", settings.out / SCORES_FILE)
+    finally:
+        run.close()
+    return settings.out / SCORES_FILE
+
+
+def score_block(context: BlockContext, scorer: Scorer, prune: bool) -> dict[str, dict[str, Any]]:
+    """Observe the block's layers on its inputs and score them; with `prune`, leave them pruned at the probe."""
+    linears = context.linears
+    grams = {name: scorer.statistic(layer) for name, layer in linears.items()}
+    with context.phase("observe"):
+        observe(linears, grams, context.forward)
+    try:
+        with context.phase("score"):
+            scores = scorer.score_block(linears, grams, keep_pruned=prune)
+    except ValueError as exc:
+        raise LayerpressError(f"scoring block {context.index} failed: {exc}") from exc
+    records = {}
+    for name, result in scores.items():
+        if result.pruned is not None:
+            linears[name].weight.data.copy_(result.pruned)
+        records[context.layer_name(name)] = {"block": context.index, "linear": name, **result.record()}
+    probe = scorer.sparsities[0]
+    worst = max(scores, key=lambda name: scores[name].obs_loss[probe])
+    log.info("block %d/%d scored: highest OBS loss at sparsity %g: %.4g (%s)", context.index + 1,
+             context.staged.num_blocks, probe, scores[worst].obs_loss[probe], worst)
+    return records
