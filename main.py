@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from methods import METHODS, Target
+from methods.reconstruct import Reconstruction
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from streamer.errors import LayerpressError
 
@@ -26,6 +27,7 @@ EPILOG = """\
 examples:
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.5
   python main.py compress --model IN --out OUT --method wanda --pattern 2:4
+  python main.py compress --model IN --out OUT --method wanda --sparsity 0.6 --reconstruct biases,norms,masklora
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     method_options = compress.add_argument_group("method options")
     for cls in METHODS.values():
         cls.add_arguments(method_options)
+    Reconstruction.add_arguments(compress.add_argument_group(
+        "reconstruction options",
+        "After pruning a block, train a tiny subset of its parameters (AdamW, float32, one micro-batch per step) "
+        "so that its outputs match the dense block's, then merge it into the weights (PERP, Zimmer et al. 2023).",
+    ))
 
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
@@ -157,6 +164,7 @@ def run_compress(args: argparse.Namespace) -> None:
 
     try:
         method = METHODS[args.method].from_args(args)
+        reconstruction = Reconstruction.from_args(args)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
     settings = CompressSettings(
@@ -173,6 +181,7 @@ def run_compress(args: argparse.Namespace) -> None:
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
         stream=stream_options(args),
+        reconstruction=reconstruction,
     )
     compress(settings)
 

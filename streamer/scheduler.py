@@ -1,27 +1,33 @@
 """`compress`: the order of the phases for one block, on top of the shared block loop (streamer/stream.py).
 
-    embed calibration windows ─► for each block: read ─► observe ─► compress ─► write ─► propagate ─► journal
+    embed calibration windows ─► for each block: read ─► observe ─► compress ─► [reconstruct] ─► write
+                                                  ─► propagate ─► journal
 
 Observe runs the calibration inputs through the block with hooks that feed each linear layer's inputs to the
 method's statistics; compress replaces each layer's weight with the method's result; propagate runs the compressed
 block to make the next block's inputs. With --true-sequential, observe and compress run once per group of layers
 (q/k/v, then the output projection, ...), so each group sees inputs that already went through compressed groups.
+With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer, which
+propagation fills only later); after compression a few parameters are trained towards them and merged
+(methods/reconstruct.py), so the next block's inputs come from the block as written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from methods import Method, Target
 from methods.base import Statistic
+from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
 from .checkpoint import Checkpoint
 from .data import (
@@ -36,6 +42,7 @@ from .data import (
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run
+from .activations import Activations
 from .model import StagedModel
 from .stream import BlockContext, StreamOptions, stream_blocks
 from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
@@ -58,6 +65,7 @@ class CompressSettings:
     max_shard_bytes: int = 5 * 10**9
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -72,6 +80,7 @@ class CompressSettings:
             "true_sequential": self.true_sequential,
             "micro_batch": self.stream.micro_batch,
             "max_shard_bytes": self.max_shard_bytes,
+            "reconstruction": self.reconstruction.settings() if self.reconstruction.enabled else None,
         }
 
 
@@ -89,16 +98,27 @@ def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run
 
 
 def compress_block(
-    context: BlockContext, method: Method, groups: list[tuple[str, ...]], target_for: Callable[[str], Target]
+    context: BlockContext,
+    method: Method,
+    groups: list[tuple[str, ...]],
+    target_for: Callable[[str], Target],
+    keep_dense_outputs: bool = False,
 ) -> dict[str, float]:
-    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer."""
+    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer.
+
+    keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
+    anything is compressed, stores them; a method that observes nothing gets one forward pass for them).
+    """
     linears = context.linears
     sparsity = {}
-    for group in groups:
+    for position, group in enumerate(groups):
         statistics = {name: method.statistic(linears[name]) for name in group}
         active = {name: stat for name, stat in statistics.items() if stat is not None}
+        keep_outputs = keep_dense_outputs and position == 0
         if active:
-            observe(linears, active, context.forward)
+            observe(linears, active, lambda: context.forward(keep_outputs=keep_outputs))
+        elif keep_outputs:
+            context.forward(keep_outputs=True)
         for name in group:
             layer, full_name = linears[name], context.layer_name(name)
             try:
@@ -112,13 +132,59 @@ def compress_block(
     return sparsity
 
 
+class TargetBatches(Sequence):
+    """The calibration micro-batches on the device, each with the dense block's outputs for it (the targets)."""
+
+    def __init__(self, acts: Activations, device: torch.device):
+        self.acts, self.device, self.slices = acts, device, acts.batches()
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.slices[index]
+        return self.acts.inputs.data[batch].to(self.device), self.acts.outputs.data[batch].to(self.device)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of everything random in block `index`'s reconstruction: a resumed run draws the same numbers."""
+    return (seed << 32) + index
+
+
+def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int) -> ReconstructionReport:
+    """Train the block (already compressed; its dense outputs in acts.outputs) towards those outputs, then merge."""
+    clock = time.perf_counter()
+    generator = torch.Generator().manual_seed(block_seed(seed, context.index))
+    batches = TargetBatches(context.acts, context.device)
+    try:
+        report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings, generator)
+    except ValueError as exc:
+        raise LayerpressError(f"reconstruction of {context.layer_name('')[:-1]} failed: {exc}") from exc
+    context.timing["reconstruct"] = time.perf_counter() - clock
+    log.info(
+        "block %d: reconstructed %s in %.2fs: output MSE %.4g -> %.4g, %d parameters trained (%.3f%% of the block's)",
+        context.index + 1, ",".join(settings.subsets), context.timing["reconstruct"], report.loss_before,
+        report.loss_after, report.trained, 100 * report.trained / report.total,
+    )
+    return report
+
+
 def output_specs(staged: StagedModel) -> list[TensorSpec]:
     """The output tensors in write order: everything outside the blocks first, then block by block."""
-    entries = staged.checkpoint.entries
     names = staged.non_block_checkpoint_names()
     for index in range(staged.num_blocks):
         names += staged.block_checkpoint_names(index)
-    return [TensorSpec(name, entries[name].dtype, entries[name].shape) for name in names]
+    return [TensorSpec(name, *staged.tensor_spec(name)) for name in names]
+
+
+def reconstruction_summary(blocks: dict[str, dict], model_parameters: int) -> dict[str, Any]:
+    """Totals over the blocks' reconstruction reports, for config.json."""
+    trained = sum(block["trained"] for block in blocks.values())
+    return {
+        "trained_parameters": trained,
+        "fraction_of_block_parameters": trained / max(sum(block["total"] for block in blocks.values()), 1),
+        "fraction_of_model_parameters": trained / max(model_parameters, 1),
+    }
 
 
 def compress(settings: CompressSettings) -> Path:
@@ -126,7 +192,9 @@ def compress(settings: CompressSettings) -> Path:
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
     checkpoint = Checkpoint(settings.model)
-    staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
+    staged = StagedModel(
+        checkpoint, settings.stream.device, settings.dtype, add_biases="biases" in settings.reconstruction.subsets
+    )
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
     tokenizer = load_tokenizer(settings.model)
     windows = calibration_windows(
@@ -148,18 +216,28 @@ def compress(settings: CompressSettings) -> Path:
 def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
-    writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
+    specs = output_specs(staged)
+    writer = ShardWriter(settings.out, specs, settings.max_shard_bytes, state)
     try:
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
             name = non_block[writer.state.written]
             writer.write(name, staged.checkpoint.read([name])[name])
         groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
+        reconstruction = settings.reconstruction
 
         def process(context: BlockContext) -> dict[str, Any]:
+            journal: dict[str, Any] = {}
             clock = time.perf_counter()
-            layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+            layers = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
+                context, settings.method, groups, lambda name: settings.target, reconstruction.enabled
+            )
             context.timing["compress"] = time.perf_counter() - clock
+            if reconstruction.enabled:
+                report = reconstruct_block(context, reconstruction, settings.seed)
+                journal["reconstruction"] = {str(context.index): asdict(report)}
+                layers = {context.layer_name(name): (layer.weight == 0).float().mean().item()
+                          for name, layer in context.linears.items()}  # as written (plain lora fills zeros in)
             clock = time.perf_counter()
             for name, tensor in staged.block_state(context.index).items():
                 writer.write(name, tensor)
@@ -171,11 +249,15 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
                 context.index + 1, staged.num_blocks, context.timing["read"], context.timing["compress"],
                 context.timing["write"], 100 * mean,
             )
-            return {"writer": asdict(writer.state), "layers": layers}
+            return {"writer": asdict(writer.state), "layers": layers, **journal}
 
         stream_blocks(staged, windows, settings.stream, process, run, desc="compress")
-        config = dict(staged.checkpoint.config)
+        config = {**staged.checkpoint.config, **staged.config_changes}
         config["layerpress"] = {**record, "layer_sparsity": run.body["layers"]}
+        if reconstruction.enabled:
+            config["layerpress"]["reconstruction_summary"] = reconstruction_summary(
+                run.body["reconstruction"], sum(math.prod(spec.shape) for spec in specs)
+            )
         atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
         copy_side_files(settings.model, settings.out)
         writer.write_index()
