@@ -29,6 +29,7 @@ from methods import Method, Target
 from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
+from .activations import Activations
 from .checkpoint import Checkpoint
 from .data import (
     calibration_windows,
@@ -42,7 +43,6 @@ from .data import (
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run
-from .activations import Activations
 from .model import StagedModel
 from .stream import BlockContext, StreamOptions, stream_blocks
 from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
@@ -159,7 +159,7 @@ def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int
     try:
         report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings, generator)
     except ValueError as exc:
-        raise LayerpressError(f"reconstruction of {context.layer_name('')[:-1]} failed: {exc}") from exc
+        raise LayerpressError(f"reconstruction of block {context.index} failed: {exc}") from exc
     context.timing["reconstruct"] = time.perf_counter() - clock
     log.info(
         "block %d: reconstructed %s in %.2fs: output MSE %.4g -> %.4g, %d parameters trained (%.3f%% of the block's)",
