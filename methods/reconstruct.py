@@ -56,7 +56,8 @@ class Reconstruction:
             f"(comma-separated: {', '.join(SUBSETS)}; lora fills pruned weights in) (default: none)",
         )
         parser.add_argument("--recon-steps", type=int, default=cls.steps,
-                            help=f"reconstruction: optimizer steps per block, one micro-batch each (default: {cls.steps})")
+                            help="reconstruction: optimizer steps per block, one micro-batch each "
+                            f"(default: {cls.steps})")
         parser.add_argument("--recon-lr", type=float, default=cls.lr,
                             help=f"reconstruction: peak AdamW learning rate (default: {cls.lr})")
         parser.add_argument("--recon-warmup", type=float, default=cls.warmup,
@@ -266,7 +267,10 @@ def batch_order(count: int, steps: int, generator: torch.Generator) -> list[int]
     return order[:steps]
 
 
-def mean_loss(run_block: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) micro-batches on the block's device
+
+
+def mean_loss(run_block: Callable[[torch.Tensor], torch.Tensor], batches: Batches) -> float:
     """Mean squared error of the block's outputs against the targets, averaged over the micro-batches."""
     with torch.no_grad():
         total = sum(nn.functional.mse_loss(run_block(x).float(), y.float()).item() for x, y in batches)
@@ -278,7 +282,7 @@ def reconstruct(
     linears: dict[str, nn.Linear],
     norms: dict[str, nn.Module],
     run_block: Callable[[torch.Tensor], torch.Tensor],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Batches,
     settings: Reconstruction,
     generator: torch.Generator,
 ) -> ReconstructionReport:

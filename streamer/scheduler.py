@@ -1,7 +1,7 @@
 """`compress`: the order of the phases for one block, on top of the shared block loop (streamer/stream.py).
 
-    embed calibration windows ─► for each block: read ─► observe ─► compress ─► [reconstruct] ─► write
-                                                  ─► propagate ─► journal
+    embed calibration windows ─► for each block: read ─► observe ─► compress ─► [reconstruct]
+                                                  ─► write ─► propagate ─► journal
 
 Observe runs the calibration inputs through the block with hooks that feed each linear layer's inputs to the
 method's statistics; compress replaces each layer's weight with the method's result; propagate runs the compressed

@@ -38,7 +38,8 @@ def perplexity(model) -> float:
 
 def test_reconstruction_repairs_magnitude_pruning(smollm2, tmp_path):
     ppl = {}
-    for name, extra in {"plain": [], "reconstructed": ["--reconstruct", "biases,norms,masklora", "--recon-steps", "8"]}.items():
+    runs = {"plain": [], "reconstructed": ["--reconstruct", "biases,norms,masklora", "--recon-steps", "8"]}
+    for name, extra in runs.items():
         out = tmp_path / name
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(out), "--method", "magnitude",
                           "--sparsity", "0.5", "--nsamples", "8", *WINDOWS, *extra]) == 0
