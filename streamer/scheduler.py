@@ -195,6 +195,11 @@ def compress(settings: CompressSettings) -> Path:
     staged = StagedModel(
         checkpoint, settings.stream.device, settings.dtype, add_biases="biases" in settings.reconstruction.subsets
     )
+    if "biases" in settings.reconstruction.subsets and all(
+        layer.bias is None for layer in staged.linears(staged.blocks[0]).values()
+    ):
+        raise LayerpressError(f"--reconstruct biases: this {checkpoint.config.get('model_type')} model has no biases "
+                              "and no config flag that gives its linear layers some")
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
     tokenizer = load_tokenizer(settings.model)
     windows = calibration_windows(

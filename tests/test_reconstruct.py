@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,10 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import main
 import methods.reconstruct as recon
+import streamer.model
 import streamer.scheduler
 from methods import METHODS, Target
 from methods.reconstruct import Reconstruction, reconstruct
 from streamer.adapters import adapter_for
+from streamer.adapters.llama import LLAMA
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
 from tests.reference import compress_in_memory, first_block_inputs, load_with_biases
@@ -89,6 +92,16 @@ def test_bad_subsets_are_refused(tiny_checkpoints, tmp_path, calib_text, capsys,
         code = exit.code
     assert code != 0 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_biases_are_refused_where_the_family_cannot_have_them(tiny_checkpoints, tmp_path, calib_text, capsys,
+                                                              monkeypatch):
+    llama_without_flags = dataclasses.replace(LLAMA, bias_flags=())  # like Mistral: no bias flag in its config
+    monkeypatch.setattr(streamer.model, "adapter_for", lambda config: llama_without_flags)
+    argv = ["compress", "--model", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / "out"),
+            "--calib", str(calib_text), "--device", "cpu", "--reconstruct", "biases"]
+    assert main.main(argv) == 1
+    assert "no biases" in capsys.readouterr().err
 
 
 def calibration(model_dir, calib_text) -> torch.Tensor:
