@@ -14,6 +14,7 @@ import torch
 
 from methods import METHODS, QuantSpec, Target
 from methods.quant import ACT_ORDERS, BITS
+from methods.reconstruct import Reconstruction
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from streamer.errors import LayerpressError
 from streamer.formats import FORMATS
@@ -35,6 +36,7 @@ examples:
   python main.py decompress --model OUT --out DENSE_DIR
   python main.py scores --model IN --out SCORES --sparsity 0.7
   python main.py compress --model IN --out OUT --sparsity 0.7 --allocation score --scores SCORES
+  python main.py compress --model IN --out OUT --method wanda --sparsity 0.6 --reconstruct biases,norms,masklora
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -237,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration(scores)
     scores.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
     METHODS["sparsegpt"].add_arguments(scores.add_argument_group("OBS options (as sparsegpt's)"))
+    Reconstruction.add_arguments(compress.add_argument_group(
+        "reconstruction options",
+        "After pruning a block, train a tiny subset of its parameters (AdamW, float32, one micro-batch per step) "
+        "so that its outputs match the dense block's, then merge it into the weights (PERP, Zimmer et al. 2023).",
+    ))
 
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
@@ -322,6 +329,10 @@ def run_compress(args: argparse.Namespace) -> None:
     from streamer.scheduler import CompressSettings, compress
 
     method = make_method(args)
+    try:
+        reconstruction = Reconstruction.from_args(args)
+    except ValueError as exc:
+        raise LayerpressError(str(exc)) from exc
     settings = CompressSettings(
         model=args.model,
         out=args.out,
@@ -344,6 +355,7 @@ def run_compress(args: argparse.Namespace) -> None:
             kind=args.allocation, min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, scores=args.scores,
             levels=args.levels, estimate=args.score_estimate, owl_lambda=args.owl_lambda,
         ),
+        reconstruction=reconstruction,
     )
     compress(settings)
 

@@ -74,7 +74,11 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
 class StagedModel:
     """The skeleton of a checkpoint's model, with methods to materialize and release one stage at a time."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None):
+    def __init__(
+        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None, add_biases: bool = False
+    ):
+        """add_biases: set the family's bias flags (Adapter.bias_flags), so that the block's linear layers get bias
+        tensors; the ones the checkpoint lacks start at zero and are new output tensors (see `config_changes`)."""
         self.checkpoint = checkpoint
         self.adapter: Adapter = adapter_for(checkpoint.config)
         self.device = device
@@ -84,17 +88,33 @@ class StagedModel:
         except (ValueError, KeyError, OSError) as exc:
             raise LayerpressError(f"cannot read the model config in {checkpoint.directory}: {exc}") from exc
         config.use_cache = False
-        with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        self.model.eval().requires_grad_(False)
-        for module in self.model.modules():  # real buffers (rotary tables) follow the compute device
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.device.type != "meta":
-                    module._buffers[name] = buffer.to(device)
+        self.config_changes = {
+            flag: True for flag in self.adapter.bias_flags if add_biases and getattr(config, flag, True) is not True
+        }
+        self.model = self._skeleton(config)
+        before = set(self.model.state_dict())
+        if self.config_changes:
+            for flag, value in self.config_changes.items():
+                setattr(config, flag, value)
+            self.model = self._skeleton(config)
         self.config = config
         self.blocks: nn.ModuleList = self.model.get_submodule(self.adapter.blocks)
-        self._names = {name: self._checkpoint_name(name) for name in self.model.state_dict()}
-        self._check_linears()
+        self._names: dict[str, str] = {}
+        self._new: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # checkpoint name -> (dtype, shape)
+        for name, tensor in self.model.state_dict().items():
+            self._names[name] = self._new_name(name, tensor) if name not in before else self._checkpoint_name(name)
+        self._check_modules()
+
+    def _skeleton(self, config) -> nn.Module:
+        """The model of `config` on the meta device, its real buffers (rotary tables) on the compute device."""
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.eval().requires_grad_(False)
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(self.device)
+        return model
 
     # ---------------------------------------------------------------- names
     def _checkpoint_name(self, name: str) -> str:
@@ -111,11 +131,27 @@ class StagedModel:
             f"checkpoint {self.checkpoint.directory} lacks tensor {name!r} that its {self.adapter.name} config needs"
         )
 
-    def _check_linears(self) -> None:
+    def _new_name(self, name: str, tensor: torch.Tensor) -> str:
+        """The output name of a tensor the config changes added: beside its module's checkpoint tensors."""
+        module, _, leaf = name.rpartition(".")
+        sibling = next((known for known in self._names if known.rpartition(".")[0] == module), None)
+        if sibling is None or not name.startswith(self.adapter.blocks + "."):
+            raise LayerpressError(f"{self.adapter.name}: config changes {self.config_changes} add {name}, "
+                                  "which is not beside a block tensor of the checkpoint")
+        checkpoint_name = self._names[sibling].rpartition(".")[0] + "." + leaf
+        self._new[checkpoint_name] = (self.checkpoint.entries[self._names[sibling]].dtype, tuple(tensor.shape))
+        return checkpoint_name
+
+    def _check_modules(self) -> None:
         block = self.blocks[0]
         for name in self.adapter.linear_names:
             if not isinstance(block.get_submodule(name), nn.Linear):
                 raise LayerpressError(f"{self.adapter.name} block has no linear layer {name!r}")
+        for name in self.adapter.norms:
+            try:
+                block.get_submodule(name)
+            except AttributeError as exc:
+                raise LayerpressError(f"{self.adapter.name} block has no normalization layer {name!r}") from exc
 
     @property
     def num_blocks(self) -> int:
@@ -128,6 +164,13 @@ class StagedModel:
         """Model state-dict names of block `index`."""
         prefix = self.block_prefix(index)
         return [name for name in self._names if name.startswith(prefix)]
+
+    def tensor_spec(self, checkpoint_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of an output tensor: the checkpoint's, or that of a tensor the config changes added."""
+        if checkpoint_name in self._new:
+            return self._new[checkpoint_name]
+        entry = self.checkpoint.entries[checkpoint_name]
+        return entry.dtype, tuple(entry.shape)
 
     def checkpoint_names(self, names: list[str]) -> list[str]:
         return [self._names[name] for name in names]
@@ -162,13 +205,19 @@ class StagedModel:
             module._buffers[leaf] = tensor
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors' bytes from disk, keyed by checkpoint name (touches no module: fine on a thread)."""
-        return self.checkpoint.read(list(dict.fromkeys(self.checkpoint_names(names))))
+        """The named tensors' bytes from disk, keyed by checkpoint name (touches no module: fine on a thread).
+        Tensors the config changes added are not on disk: `place` makes them."""
+        return self.checkpoint.read([name for name in dict.fromkeys(self.checkpoint_names(names)) if name not in self._new])
 
     def place(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-        """Put tensors read by `read` into the skeleton on the device, floating ones in the compute dtype."""
+        """Put tensors read by `read` into the skeleton on the device, floating ones in the compute dtype (tensors
+        the config changes added start at zero)."""
         for name in names:
-            tensor = tensors[self._names[name]]
+            checkpoint_name = self._names[name]
+            if checkpoint_name in self._new:
+                tensor = torch.zeros(self._new[checkpoint_name][1], dtype=self._new[checkpoint_name][0])
+            else:
+                tensor = tensors[checkpoint_name]
             dtype = self.dtype if tensor.dtype.is_floating_point else tensor.dtype
             self._set(name, tensor.to(device=self.device, dtype=dtype))
 
@@ -197,7 +246,7 @@ class StagedModel:
         state = self.model.state_dict(keep_vars=True)
         out = {}
         for name in self.block_names(index):
-            target = self.checkpoint.entries[self._names[name]].dtype
+            target = self.tensor_spec(self._names[name])[0]
             out[self._names[name]] = state[name].detach().to(device="cpu", dtype=target)
         return out
 

@@ -21,6 +21,8 @@ With prefetch, every block phase also holds one block read ahead and one block b
 
 from __future__ import annotations
 
+import math
+
 import json
 import logging
 import os
@@ -119,7 +121,6 @@ class ModelShapes:
     @classmethod
     def of(cls, staged: StagedModel, true_sequential: bool = False) -> ModelShapes:
         state = staged.model.state_dict(keep_vars=True)  # meta tensors: shapes only
-        entries = staged.checkpoint.entries
         dtype = staged.dtype
 
         def compute_bytes(names: list[str]) -> int:
@@ -127,7 +128,8 @@ class ModelShapes:
                        for n in names)
 
         def stored_bytes(names: list[str]) -> int:
-            return sum(entries[n].nbytes for n in dict.fromkeys(staged.checkpoint_names(names)))
+            specs = (staged.tensor_spec(n) for n in dict.fromkeys(staged.checkpoint_names(names)))
+            return sum(math.prod(shape) * stored.itemsize for stored, shape in specs)
 
         block_names = [staged.block_names(i) for i in range(staged.num_blocks)]
         linears = tuple(
@@ -149,7 +151,7 @@ class ModelShapes:
             linears=linears,
             groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
             dtype=dtype,
-            converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in entries.values()),
+            converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in staged.checkpoint.entries.values()),
             eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
         )
 

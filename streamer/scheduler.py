@@ -1,6 +1,7 @@
 """`compress`: the order of the phases for one block, on top of the shared block loop (streamer/stream.py).
 
-    embed calibration windows ─► for each block: read ─► observe ─► compress ─► write ─► propagate ─► journal
+    embed calibration windows ─► for each block: read ─► observe ─► compress ─► [reconstruct]
+                                                  ─► write ─► propagate ─► journal
 
 Observe runs the calibration inputs through the block with hooks that feed each linear layer's inputs to the
 method's statistics; compress replaces each layer's weight with the method's result; propagate runs the compressed
@@ -12,17 +13,21 @@ Settings the user leaves open come from the memory plan (streamer/planner.py): t
 buffers live, and whether a group's statistics are observed together or, when they do not fit, one layer at a time
 (same inputs, same statistics, so the same output).
 Write hands each compressed layer to the output format (streamer/formats.py), planned before the first block.
+With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer, which
+propagation fills only later); after compression a few parameters are trained towards them and merged
+(methods/reconstruct.py), so the next block's inputs come from the block as written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psutil
 import torch
@@ -30,8 +35,10 @@ from torch import nn
 
 from methods import LayerResult, Method, Target
 from methods.base import Statistic
+from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
 from .decompress import open_checkpoint
+from .activations import Activations
 from .data import (
     calibration_windows,
     capped_seqlen,
@@ -78,6 +85,7 @@ class CompressSettings:
     def __post_init__(self) -> None:
         if self.target.pattern is not None and self.allocation.kind != "uniform":
             raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
 
     def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
@@ -96,6 +104,7 @@ class CompressSettings:
             "max_shard_bytes": self.max_shard_bytes,
             # uniform leaves the record as it was before allocations existed, so older partial runs still resume
             **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
+            **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
         }
 
 
@@ -117,11 +126,13 @@ class Calibrated:
 
 
 def open_calibrated(
-    model: Path, calib: str, nsamples: int, seqlen: int, seed: int, device: torch.device, dtype: torch.dtype | None
+    model: Path, calib: str, nsamples: int, seqlen: int, seed: int, device: torch.device, dtype: torch.dtype | None,
+    add_biases: bool = False,
 ) -> Calibrated:
-    """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped)."""
+    """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped).
+    add_biases: give the blocks' linear layers biases (see StagedModel)."""
     checkpoint = open_checkpoint(model)
-    staged = StagedModel(checkpoint, device, dtype)
+    staged = StagedModel(checkpoint, device, dtype, add_biases=add_biases)
     windows = calibration_windows(
         tokenize(load_tokenizer(model), load_text(calib)), nsamples, capped_seqlen(seqlen, checkpoint.config), seed
     )
@@ -188,6 +199,7 @@ def compress_block(
     groups: list[tuple[str, ...]],
     target_for: Callable[[str], Target],
     per_layer_statistics: bool = False,
+    keep_dense_outputs: bool = False,
 ) -> dict[str, LayerResult]:
     """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
     is the layer's own (installed, not a copy).
@@ -195,29 +207,45 @@ def compress_block(
     per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
     The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
     result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
+    keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
+    anything is compressed, runs whole and stores them; a method that observes nothing gets one forward for them).
     """
     linears = context.linears
     results = {}
+    dense_outputs_pending = keep_dense_outputs
+
+    def observe_inputs(statistics: dict[str, Statistic]) -> None:
+        nonlocal dense_outputs_pending
+        with context.phase("observe"):
+            if dense_outputs_pending:
+                observe(linears, statistics, lambda: context.forward(keep_outputs=True))
+                dense_outputs_pending = False
+            else:
+                observe(linears, statistics, forward_until_observed(context), stop_early=True)
+
+    def compress_layer(name: str, statistic: Statistic | None) -> None:
+        nonlocal dense_outputs_pending
+        if dense_outputs_pending:
+            with context.phase("observe"):
+                context.forward(keep_outputs=True)
+            dense_outputs_pending = False
+        with context.phase("compress"):
+            results[name] = _compress_layer(context, method, name, statistic, target_for)
+
     for group in groups:
         if per_layer_statistics:
             for name in reversed(group):
                 statistic = method.statistic(linears[name])
                 if statistic is not None:
-                    with context.phase("observe"):
-                        observe(linears, {name: statistic}, forward_until_observed(context), stop_early=True)
-                with context.phase("compress"):
-                    results[name] = _compress_layer(context, method, name, statistic, target_for)
+                    observe_inputs({name: statistic})
+                compress_layer(name, statistic)
                 del statistic
         else:
             statistics = {name: method.statistic(linears[name]) for name in group}
             if any(stat is not None for stat in statistics.values()):
-                with context.phase("observe"):
-                    active = {name: stat for name, stat in statistics.items() if stat is not None}
-                    observe(linears, active, forward_until_observed(context), stop_early=True)
-                    del active  # only `statistics` may hold them: each goes once its layer is done
-            with context.phase("compress"):
-                for name in group:  # each statistic is dropped as soon as its layer is done
-                    results[name] = _compress_layer(context, method, name, statistics.pop(name), target_for)
+                observe_inputs({name: stat for name, stat in statistics.items() if stat is not None})
+            for name in group:  # each statistic is dropped as soon as its layer is done
+                compress_layer(name, statistics.pop(name))
     return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 
 
@@ -256,9 +284,45 @@ def layer_plans(
     return plans
 
 
+class TargetBatches(Sequence):
+    """The calibration micro-batches on the device, each with the dense block's outputs for it (the targets)."""
+
+    def __init__(self, acts: Activations, device: torch.device):
+        self.acts, self.device, self.slices = acts, device, acts.batches()
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.slices[index]
+        return self.acts.inputs.data[batch].to(self.device), self.acts.outputs.data[batch].to(self.device)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of everything random in block `index`'s reconstruction: a resumed run draws the same numbers."""
+    return (seed << 32) + index
+
+
+def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int) -> ReconstructionReport:
+    """Train the block (already compressed; its dense outputs in acts.outputs) towards those outputs, then merge."""
+    generator = torch.Generator().manual_seed(block_seed(seed, context.index))
+    batches = TargetBatches(context.acts, context.device)
+    try:
+        with context.phase("reconstruct"):
+            report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings,
+                                 generator)
+    except ValueError as exc:
+        raise LayerpressError(f"reconstruction of block {context.index} failed: {exc}") from exc
+    log.info(
+        "block %d: reconstructed %s in %.2fs: output MSE %.4g -> %.4g, %d parameters trained (%.3f%% of the block's)",
+        context.index + 1, ",".join(settings.subsets), context.phase.seconds["reconstruct"], report.loss_before,
+        report.loss_after, report.trained, 100 * report.trained / report.total,
+    )
+    return report
+
+
 def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) -> list[TensorSpec]:
     """The output tensors in write order: everything outside the blocks first, then block by block."""
-    entries = staged.checkpoint.entries
     names = staged.non_block_checkpoint_names()
     for index in range(staged.num_blocks):
         names += staged.block_checkpoint_names(index)
@@ -267,7 +331,7 @@ def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) 
         if name in plans:
             specs += fmt.specs(plans[name])
         else:
-            specs.append(TensorSpec(name, entries[name].dtype, entries[name].shape))
+            specs.append(TensorSpec(name, *staged.tensor_spec(name)))
     return specs
 
 
@@ -284,7 +348,7 @@ def encoded_block_state(
 
 def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan], record: dict) -> dict[str, Any]:
     """config.json of the output: the input's, with the layerpress record and what a reader of `fmt` needs."""
-    config = dict(staged.checkpoint.config)
+    config = {**staged.checkpoint.config, **staged.config_changes}
     config["layerpress"] = dict(record)
     if fmt.name != "dense":
         config["layerpress"]["weight_dtype"] = str(next(iter(plans.values())).dtype).removeprefix("torch.")
@@ -294,19 +358,30 @@ def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan],
     return config
 
 
+def reconstruction_summary(blocks: dict[str, dict], model_parameters: int) -> dict[str, Any]:
+    """Totals over the blocks' reconstruction reports, for config.json."""
+    trained = sum(block["trained"] for block in blocks.values())
+    return {
+        "trained_parameters": trained,
+        "fraction_of_block_parameters": trained / max(sum(block["total"] for block in blocks.values()), 1),
+        "fraction_of_model_parameters": trained / max(model_parameters, 1),
+    }
+
+
 def compress(settings: CompressSettings) -> Path:
     """Compress a checkpoint block by block into `settings.out`; resumes a partial run of the same settings."""
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
     calibrated = open_calibrated(
         settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
-        settings.dtype,
+        settings.dtype, add_biases="biases" in settings.reconstruction.subsets,
     )
     staged = calibrated.staged
     try:
         settings.method.check(settings.target)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
+    check_reconstruction(settings, staged)
     plan = apply_plan(settings, staged, calibrated.seqlen)
     record = settings.record(calibrated.seqlen, staged.dtype)
     layer_targets = None
@@ -331,6 +406,20 @@ def compress(settings: CompressSettings) -> Path:
     finally:
         run.close()
     return settings.out
+
+
+def check_reconstruction(settings: CompressSettings, staged: StagedModel) -> None:
+    """Refuse reconstruction where its training would break what the output promises, before anything is written."""
+    subsets = settings.reconstruction.subsets
+    if not settings.reconstruction.enabled:
+        return
+    if settings.target.quant is not None:
+        raise LayerpressError("--reconstruct trains the weights off the quantization grid: leave out --wbits")
+    if settings.format != "dense":
+        raise LayerpressError(f"--reconstruct writes trained dense weights: use --format dense, not {settings.format}")
+    if "biases" in subsets and all(layer.bias is None for layer in staged.linears(staged.blocks[0]).values()):
+        raise LayerpressError(f"--reconstruct biases: this {staged.config.model_type} model has no biases and no "
+                              "config flag that gives its linear layers some")
 
 
 def check_plans(fmt: Format, plans: dict[str, LayerPlan]) -> None:
@@ -391,6 +480,7 @@ def _compress(
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
     writer = ShardWriter(settings.out, output_specs(staged, fmt, plans), settings.max_shard_bytes, state)
     groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
+    reconstruction = settings.reconstruction
     try:
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
@@ -408,14 +498,21 @@ def _compress(
 
             def process(context: BlockContext) -> dict[str, Any]:
                 """Compress the block, then write it on the writer thread while the loop propagates through it."""
-                results = compress_block(context, settings.method, groups, target_for, plan.choice.per_layer_statistics)
+                journal: dict[str, Any] = {}
+                results = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
+                    context, settings.method, groups, target_for, plan.choice.per_layer_statistics,
+                    keep_dense_outputs=reconstruction.enabled,
+                )
+                if reconstruction.enabled:
+                    report = reconstruct_block(context, reconstruction, settings.seed)
+                    journal["reconstruction"] = {str(context.index): asdict(report)}
                 with context.phase("encode"):
                     tensors = encoded_block_state(staged, context.index, fmt, plans, results)
                 pending.append(background.submit(write, tensors))
                 layers = {context.layer_name(name): zero_fraction(result.weight) for name, result in results.items()}
                 log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
                          100 * sum(layers.values()) / max(len(layers), 1), len(layers))
-                return {"layers": layers}
+                return {"layers": layers, **journal}
 
             def settle(context: BlockContext) -> dict[str, Any]:
                 """Wait until the block is on disk (the journal may then record it)."""
@@ -425,6 +522,10 @@ def _compress(
 
             stream_blocks(staged, windows, settings.stream, process, run, desc="compress", settle=settle)
         config = output_config(staged, fmt, plans, {**record, "layer_sparsity": run.body["layers"]})
+        if reconstruction.enabled:
+            config["layerpress"]["reconstruction_summary"] = reconstruction_summary(
+                run.body["reconstruction"], sum(math.prod(spec.shape) for _, spec in writer.order)
+            )
         atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
         copy_side_files(settings.model, settings.out)
         writer.write_index()

@@ -69,13 +69,13 @@ class BlockContext:
     device: torch.device
     phase: Phases
 
+    def call(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's outputs for one micro-batch of hidden states on the device (autograd as the caller sets it)."""
+        return self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]])
+
     def forward(self, keep_outputs: bool = False) -> None:
-        """Run every window through the block (keep_outputs: store the results as the next block's inputs)."""
-        self.acts.run(
-            lambda hidden: self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]]),
-            self.device,
-            keep_outputs=keep_outputs,
-        )
+        """Run every window through the block (keep_outputs: store the results in acts.outputs)."""
+        self.acts.run(self.call, self.device, keep_outputs=keep_outputs)
 
     def layer_name(self, linear: str) -> str:
         """The full module path of a linear layer of this block, as records and logs name it."""
@@ -84,6 +84,10 @@ class BlockContext:
     @property
     def linears(self) -> dict[str, nn.Linear]:
         return self.staged.linears(self.block)
+
+    @property
+    def norms(self) -> dict[str, nn.Module]:
+        return {name: self.block.get_submodule(name) for name in self.staged.adapter.norms}
 
 
 def stream_blocks(
@@ -98,9 +102,11 @@ def stream_blocks(
     """Pass `windows` through every block, calling `process` on each block before propagating through it.
 
     `process` may change the block (its changes are what the next block sees) and returns what the journal should
-    record for the block. Work it leaves running in the background (writing the block) overlaps propagation;
-    `settle`, called after propagation and before the journal records the block, waits for it to be durable and
-    returns more to record. Returns the activations, whose inputs are then the last block's outputs.
+    record for the block. Until propagation overwrites it, `acts.outputs` is free for `process` to use (compress
+    keeps the dense block's outputs there as reconstruction targets). Work `process` leaves running in the background
+    (writing the block) overlaps propagation; `settle`, called after propagation and before the journal records the
+    block, waits for it to be durable and returns more to record. Returns the activations, whose inputs are then the
+    last block's outputs.
     """
     acts = Activations(
         len(windows), windows.shape[1], staged.config.hidden_size, staged.dtype, options.micro_batch,

@@ -286,10 +286,10 @@ def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
 
     compress_block = streamer.scheduler.compress_block
 
-    def stop_at_block_2(context, *args):
+    def stop_at_block_2(context, *args, **kwargs):
         if context.index == 2:
             raise KeyboardInterrupt
-        return compress_block(context, *args)
+        return compress_block(context, *args, **kwargs)
 
     monkeypatch.setattr(streamer.scheduler, "compress_block", stop_at_block_2)
     with pytest.raises(AssertionError):  # main.py stopped by the interrupt: exit status 130, not 0

@@ -22,6 +22,9 @@ class Adapter:
         e.g. OPT-350m has no final layer norm but a projection).
     sequential_groups: the compressible linear layers of one block, relative to the block, grouped by the order of
         the block's forward: a group's inputs depend only on groups before it (used by --true-sequential).
+    norms: the block's normalization layers, relative to the block (trained by --reconstruct norms).
+    bias_flags: config.json flags that give the block's linear layers biases (set by --reconstruct biases so that
+        the output, with its new bias tensors, loads in transformers); flags a family's config lacks are ignored.
     """
 
     name: str
@@ -29,6 +32,8 @@ class Adapter:
     blocks: str
     final: tuple[str, ...]
     sequential_groups: tuple[tuple[str, ...], ...]
+    norms: tuple[str, ...] = ()
+    bias_flags: tuple[str, ...] = ()
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -13,4 +13,5 @@ BLOOM = Adapter(
         ("mlp.dense_h_to_4h",),
         ("mlp.dense_4h_to_h",),
     ),
+    norms=("input_layernorm", "post_attention_layernorm"),
 )

@@ -13,4 +13,6 @@ LLAMA = Adapter(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    bias_flags=("attention_bias", "mlp_bias"),
 )

@@ -13,4 +13,6 @@ OPT = Adapter(
         ("fc1",),
         ("fc2",),
     ),
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    bias_flags=("enable_bias",),
 )
