@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from methods import METHODS, Target
+from methods import METHODS, StructuredMethod, Target
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from streamer.errors import LayerpressError
 
@@ -26,6 +26,7 @@ EPILOG = """\
 examples:
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.5
   python main.py compress --model IN --out OUT --method wanda --pattern 2:4
+  python main.py compress --model IN --out OUT --method flap --ratio 0.2 --structure AL-AM --metric WIFV
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -85,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser(
         "compress", help="prune a checkpoint block by block into a new sharded checkpoint",
-        description="Prune every linear layer of every transformer block, streaming one block at a time. "
-        "Re-running the same command on a partial output resumes it.",
+        description="Prune every linear layer of every transformer block, streaming one block at a time "
+        "(flap: remove whole heads and MLP channels, in a statistics pass then a pruning pass; the smaller "
+        "model loads with streamer.load_model). Re-running the same command on a partial output resumes it.",
     )
     add_common(compress)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
@@ -159,11 +161,18 @@ def run_compress(args: argparse.Namespace) -> None:
         method = METHODS[args.method].from_args(args)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
+    if isinstance(method, StructuredMethod):
+        given = [option for option, value in (("--sparsity", args.sparsity is not None),
+                                              ("--pattern", args.pattern is not None),
+                                              ("--true-sequential", args.true_sequential)) if value]
+        if given:
+            raise LayerpressError(f"--method {args.method} removes whole heads and channels (--ratio); "
+                                  f"{', '.join(given)} applies to unstructured methods only")
     settings = CompressSettings(
         model=args.model,
         out=args.out,
         method=method,
-        target=make_target(args),
+        target=Target() if isinstance(method, StructuredMethod) else make_target(args),
         calib=args.calib,
         nsamples=args.nsamples,
         seqlen=args.seqlen,

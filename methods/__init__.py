@@ -1,12 +1,13 @@
-"""Compression methods, one module each; see methods/base.py for the interface they implement."""
+"""Compression methods, one module each; see methods/base.py for the interfaces they implement."""
 
 from __future__ import annotations
 
-from .base import LayerResult, Method, Statistic, Target
+from .base import LayerResult, Method, MethodOptions, Statistic, StructuredMethod, Target
+from .flap import Flap
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (Magnitude, Wanda, SparseGPT)}
+METHODS: dict[str, type[MethodOptions]] = {method.name: method for method in (Magnitude, Wanda, SparseGPT, Flap)}
 
-__all__ = ["LayerResult", "Method", "Statistic", "Target", "METHODS"]
+__all__ = ["LayerResult", "Method", "MethodOptions", "Statistic", "StructuredMethod", "Target", "METHODS"]

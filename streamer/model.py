@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter
 from .checkpoint import Checkpoint
 from .errors import LayerpressError
+from .structure import GroupLayout, build_skeleton
 
 
 @dataclass
@@ -62,11 +63,13 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 
 class StagedModel:
-    """The skeleton of a checkpoint's model, with methods to materialize and release one stage at a time."""
+    """The skeleton of a checkpoint's model, with methods to materialize and release one stage at a time.
+
+    The skeleton has the checkpoint's per-block shapes when it was structurally pruned (streamer/structure.py).
+    """
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None):
         self.checkpoint = checkpoint
-        self.adapter: Adapter = adapter_for(checkpoint.config)
         self.device = device
         self.dtype = dtype or checkpoint_dtype(checkpoint)
         try:
@@ -74,8 +77,10 @@ class StagedModel:
         except (ValueError, KeyError, OSError) as exc:
             raise LayerpressError(f"cannot read the model config in {checkpoint.directory}: {exc}") from exc
         config.use_cache = False
-        with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        skeleton = build_skeleton(config, self.dtype)
+        self.model = skeleton.model
+        self.adapter: Adapter = skeleton.adapter
+        self.layouts: dict[str, GroupLayout] = skeleton.layouts
         self.model.eval().requires_grad_(False)
         for module in self.model.modules():  # real buffers (rotary tables) follow the compute device
             for name, buffer in module._buffers.items():
@@ -122,6 +127,14 @@ class StagedModel:
     def checkpoint_names(self, names: list[str]) -> list[str]:
         return [self._names[name] for name in names]
 
+    def output_name(self, name: str) -> str:
+        """The checkpoint-style name of a model tensor; one the checkpoint lacks (a bias added by structured
+        pruning) is named like its module's weight, so base-model checkpoints keep their naming."""
+        if name in self._names:
+            return self._names[name]
+        module, _, leaf = name.rpartition(".")
+        return self._names[f"{module}.weight"].removesuffix("weight") + leaf
+
     def block_checkpoint_names(self, index: int) -> list[str]:
         return self.checkpoint_names(self.block_names(index))
 
@@ -152,6 +165,11 @@ class StagedModel:
         state = self.model.state_dict(keep_vars=True)
         for name in names:
             self._set(name, torch.empty_like(state[name], device="meta"))
+
+    def materialize_all(self) -> PreTrainedModel:
+        """Every tensor read onto the device: the whole model, for use outside the block stream."""
+        self.materialize(list(self._names))
+        return self.model
 
     def load_block(self, index: int) -> nn.Module:
         self.materialize(self.block_names(index))
@@ -250,3 +268,18 @@ class Embedder:
         """The block extras for unpadded windows of this shape (they do not depend on the token values)."""
         dummy = torch.zeros(batch_size, seqlen, dtype=torch.long)
         return self._run_to_first_block(dummy).extras
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Load any checkpoint layerpress reads or writes as a ready transformers model (eval mode, cache on).
+
+    This is the loader for structurally pruned outputs, whose per-block shapes config.json alone cannot express
+    (AutoModelForCausalLM.from_pretrained refuses them); for other checkpoints it gives the same model.
+    """
+    staged = StagedModel(Checkpoint(directory), torch.device(device), dtype)
+    model = staged.materialize_all()
+    model.tie_weights()
+    model.config.use_cache = True
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model

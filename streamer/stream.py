@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from methods.base import Statistic
+
 from .activations import Activations
 from .journal import Run
 from .model import BlockExtras, StagedModel
@@ -43,14 +45,17 @@ class BlockContext:
     extras: dict[int, BlockExtras]
     device: torch.device
     timing: dict[str, float] = field(default_factory=dict)
+    propagated: bool = False  # the block's final outputs are stored already: the loop need not run it again
 
     def forward(self, keep_outputs: bool = False) -> None:
-        """Run every window through the block (keep_outputs: store the results as the next block's inputs)."""
+        """Run every window through the block (keep_outputs: store the results as the next block's inputs, which
+        a `process` that leaves the block unchanged may do while observing it, sparing the loop a second run)."""
         self.acts.run(
             lambda hidden: self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]]),
             self.device,
             keep_outputs=keep_outputs,
         )
+        self.propagated = keep_outputs
 
     def layer_name(self, linear: str) -> str:
         """The full module path of a linear layer of this block, as records and logs name it."""
@@ -59,6 +64,19 @@ class BlockContext:
     @property
     def linears(self) -> dict[str, nn.Linear]:
         return self.staged.linears(self.block)
+
+
+def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run_block: Callable[[], None]) -> None:
+    """Run the block once with every layer's inputs fed to its statistic."""
+    hooks = [
+        linears[name].register_forward_pre_hook(lambda _, args, stat=stat: stat.update(args[0]))
+        for name, stat in statistics.items()
+    ]
+    try:
+        run_block()
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def stream_blocks(
@@ -95,9 +113,10 @@ def stream_blocks(
         context = BlockContext(index, block, staged, acts, extras, options.device)
         context.timing["read"] = time.perf_counter() - clock
         record = process(context)
-        clock = time.perf_counter()
-        context.forward(keep_outputs=True)
-        context.timing["propagate"] = time.perf_counter() - clock
+        if not context.propagated:
+            clock = time.perf_counter()
+            context.forward(keep_outputs=True)
+            context.timing["propagate"] = time.perf_counter() - clock
         staged.release_block(index)
         acts.swap()
         if run is not None:
@@ -119,3 +138,26 @@ def _persist_inputs(acts: Activations, run: Run, block: int) -> Path:
     path = run.persisted_inputs_path(block)
     acts.inputs.save(path)
     return path
+
+
+def walk_blocks(
+    staged: StagedModel, process: Callable[[int, nn.Module], dict[str, Any]], run: Run, desc: str = "blocks"
+) -> None:
+    """Call `process` on every block not yet done, one block on the device at a time, without activations.
+
+    For passes that need the weights only (structured pruning applies decisions already taken); journaled like
+    `stream_blocks`, so a killed pass resumes at its first unfinished block.
+    """
+    start = run.blocks_done
+    if start:
+        log.info("resuming at block %d of %d", start + 1, staged.num_blocks)
+    for index in tqdm(range(start, staged.num_blocks), initial=start, total=staged.num_blocks, desc=desc,
+                      unit="block", disable=None):
+        clock = time.perf_counter()
+        block = staged.load_block(index)
+        timing = {"read": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        record = process(index, block)
+        timing[desc] = time.perf_counter() - clock
+        staged.release_block(index)
+        run.record_block(index, None, record, timing)
