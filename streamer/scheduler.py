@@ -225,6 +225,9 @@ def _compress_structured(
         def process(index: int, block: nn.Module) -> dict[str, Any]:
             tensors = structured.prune_block(method, staged, summaries, plan, index, block)
             kept = {f"{staged.block_prefix(index)}{name}": int(plan.keep[name][index].sum()) for name in plan.keep}
+            log.info("prune: block %d/%d: units kept %s", index + 1, staged.num_blocks,
+                     ", ".join(f"{name} {count}/{staged.layouts[name].units_in(block)}"
+                               for name, count in zip(plan.keep, kept.values())))
             return {**_write_block(writer, layout.block_tensors(index, tensors)), "layers": kept}
 
         walk_blocks(staged, process, run, desc="prune")

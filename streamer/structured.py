@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,11 @@ def collect_summaries(
             consumers = {name: context.block.get_submodule(layout.group.consumer)
                          for name, layout in staged.layouts.items()}
             statistics = {name: method.statistic(layer) for name, layer in consumers.items()}
+            clock = time.perf_counter()
             observe(consumers, statistics, lambda: context.forward(keep_outputs=True))  # the block stays dense
+            context.timing["observe"] = time.perf_counter() - clock
+            log.info("statistics: block %d/%d: read %.2fs, observe %.2fs", context.index + 1, staged.num_blocks,
+                     context.timing["read"], context.timing["observe"])
             tensors = {}
             for name, layer in consumers.items():
                 summary = method.summarize(layer, statistics[name])
@@ -102,7 +107,10 @@ def plan_units(method: StructuredMethod, staged: StagedModel, summaries: Path, r
         stored = load_file(path)
         masks = [stored[f"{group.name}.{group.block}"] for group in groups]
     else:
-        masks = method.select(groups)
+        try:
+            masks = method.select(groups)
+        except ValueError as exc:
+            raise LayerpressError(f"{method.name}: {exc}") from exc
         for group, mask in zip(groups, masks):
             if mask.dtype != torch.bool or mask.shape != (group.units,) or not mask.any():
                 raise RuntimeError(f"{method.name} kept no unit or a malformed mask for {group.name} of block "
