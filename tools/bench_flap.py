@@ -6,8 +6,9 @@ test):
     flap       AL-AM structure, WIFV metric, bias compensation (FLAP's recommended setting)
     ul-um      UL-UM structure (every layer pruned alike), WIFV metric, bias compensation
     wanda-sp   UL-UM structure, WIFN metric (Wanda's |W|·‖x‖), no compensation: a Wanda-style structured baseline
-Forward speed: one window of 512 tokens through the whole model (no cache), dense and pruned runs interleaved so
-that both see the same machine load, repeated; medians, extremes and the paired speed-up are reported.
+Forward speed: one window of 512 tokens through the whole model (no cache) on one thread, dense and pruned runs
+interleaved so that both see the same machine load, repeated; wall-clock and CPU-time tokens/s (CPU time: what
+the forward itself consumed, little disturbed by other processes) with medians, extremes and paired speed-ups.
 
     python tools/bench_flap.py [--ratios 0.2 0.3] [--workdir runs/bench-flap] [--repeats 10]
 
@@ -43,28 +44,42 @@ def parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())  # tied weights once
 
 
-def forward_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of one forward (no cache)."""
     with torch.inference_mode():
-        clock = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         model(ids, use_cache=False)
-        return time.perf_counter() - clock
+        return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def speed(dense_dir: Path, pruned_dir: Path, ids: torch.Tensor, repeats: int) -> dict:
-    """Tokens per second of both models, measured alternately; the paired ratio cancels slow drifts of load."""
-    dense, pruned = load_model(dense_dir), load_model(pruned_dir)
-    forward_seconds(dense, ids), forward_seconds(pruned, ids)  # warm-up
-    times = {"dense": [], "pruned": []}
-    for _ in range(repeats):
-        times["dense"].append(forward_seconds(dense, ids))
-        times["pruned"].append(forward_seconds(pruned, ids))
+    """Tokens per second of both models, measured alternately on one thread.
+
+    One thread, because on a shared machine a multi-threaded forward waits for its slowest thread; CPU seconds
+    (what the forward itself consumed) are far less disturbed by other processes than wall-clock seconds; and the
+    speed-up of each dense/pruned pair of runs cancels slow drifts of the machine's load. Both are reported.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = {"dense": load_model(dense_dir), "pruned": load_model(pruned_dir)}
+        for model in models.values():
+            forward_seconds(model, ids)  # warm-up
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(forward_seconds(model, ids))
+    finally:
+        torch.set_num_threads(threads)
     tokens = ids.numel()
-    result = {name: {"median_tokens_per_s": tokens / statistics.median(values),
-                     "min_tokens_per_s": tokens / max(values), "max_tokens_per_s": tokens / min(values)}
-              for name, values in times.items()}
-    ratios = sorted(d / p for d, p in zip(times["dense"], times["pruned"]))
-    result["speedup"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
-                         "repeats": repeats, "tokens": tokens}
+    result: dict = {"repeats": repeats, "tokens": tokens, "threads": 1}
+    for clock, column in (("wall", 0), ("cpu", 1)):
+        seconds = {name: [t[column] for t in values] for name, values in times.items()}
+        for name, values in seconds.items():
+            result[f"{name}_{clock}_tokens_per_s"] = {
+                "median": tokens / statistics.median(values), "min": tokens / max(values), "max": tokens / min(values)}
+        ratios = sorted(d / p for d, p in zip(seconds["dense"], seconds["pruned"]))
+        result[f"{clock}_speedup"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
     return result
 
 
@@ -105,16 +120,17 @@ def main_job() -> None:
     print(f"SmolLM2-135M, WikiText-2 test perplexity (32 x 512); dense {results['dense']['ppl']:.2f}, "
           f"{results['dense']['parameters'] / 1e6:.2f}M parameters")
     print("| ratio | method | ppl | parameters | removed of prunable | tokens/s dense | tokens/s pruned | speed-up "
-          "(median, min-max) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "wall (median, min-max) | speed-up CPU time (median, min-max) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for ratio in args.ratios:
         for name in args.configurations:
             entry = results[f"{name}-{ratio}"]
             fast = entry["speed"]
             print(f"| {ratio:.0%} | {name} | {entry['ppl']:.2f} | {entry['parameters'] / 1e6:.2f}M | "
-                  f"{entry['removed_fraction_of_prunable']:.2%} | {fast['dense']['median_tokens_per_s']:.0f} | "
-                  f"{fast['pruned']['median_tokens_per_s']:.0f} | {fast['speedup']['median']:.2f}x "
-                  f"({fast['speedup']['min']:.2f}-{fast['speedup']['max']:.2f}) |")
+                  f"{entry['removed_fraction_of_prunable']:.2%} | {fast['dense_cpu_tokens_per_s']['median']:.0f} | "
+                  f"{fast['pruned_cpu_tokens_per_s']['median']:.0f} | " + " | ".join(
+                      f"{fast[key]['median']:.2f}x ({fast[key]['min']:.2f}-{fast[key]['max']:.2f})"
+                      for key in ("wall_speedup", "cpu_speedup")) + " |")
     print(json.dumps(results))
 
 
