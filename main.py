@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from methods import METHODS, QuantSpec, Target
+from methods import METHODS, QuantSpec, StructuredMethod, Target
 from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
@@ -37,6 +37,7 @@ examples:
   python main.py scores --model IN --out SCORES --sparsity 0.7
   python main.py compress --model IN --out OUT --sparsity 0.7 --allocation score --scores SCORES
   python main.py compress --model IN --out OUT --method wanda --sparsity 0.6 --reconstruct biases,norms,masklora
+  python main.py compress --model IN --out OUT --method flap --ratio 0.2 --structure AL-AM --metric WIFV
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser(
         "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
         description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
-        "time. Re-running the same command on a partial output resumes it.",
+        "time (flap: remove whole heads and MLP channels, in a statistics pass then a pruning pass; the smaller "
+        "model loads with streamer.load_model). Re-running the same command on a partial output resumes it.",
     )
     add_common(compress, planned=True)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
@@ -333,11 +335,19 @@ def run_compress(args: argparse.Namespace) -> None:
         reconstruction = Reconstruction.from_args(args)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
+    if isinstance(method, StructuredMethod):
+        given = [option for option, value in (("--sparsity", args.sparsity is not None),
+                                              ("--pattern", args.pattern is not None),
+                                              ("--true-sequential", args.true_sequential),
+                                              ("--wbits", args.wbits is not None)) if value]
+        if given:
+            raise LayerpressError(f"--method {args.method} removes whole heads and channels (--ratio); "
+                                  f"{', '.join(given)} applies to unstructured methods only")
     settings = CompressSettings(
         model=args.model,
         out=args.out,
         method=method,
-        target=make_target(args),
+        target=Target() if isinstance(method, StructuredMethod) else make_target(args),
         calib=args.calib,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -366,9 +376,12 @@ def run_plan(args: argparse.Namespace) -> None:
     from streamer.model import StagedModel
     from streamer.planner import ModelShapes, Planner, Speed, Workload, probe_speed
 
+    method = make_method(args)
+    if isinstance(method, StructuredMethod):
+        raise LayerpressError(f"plan covers the per-layer methods; {method.name} holds one block at a time, as they do")
     checkpoint = Checkpoint(args.model)
     staged = StagedModel(checkpoint, torch.device("cpu"), DTYPES[args.dtype] if args.dtype else None)
-    workload = Workload(make_method(args), make_target(args), args.nsamples, capped_seqlen(args.seqlen, checkpoint.config))
+    workload = Workload(method, make_target(args), args.nsamples, capped_seqlen(args.seqlen, checkpoint.config))
     planner = Planner(ModelShapes.of(staged, args.true_sequential), workload, args.device.type, budget(args),
                       prefetch=args.prefetch)
     plan = planner.choose(

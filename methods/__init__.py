@@ -1,8 +1,9 @@
-"""Compression methods, one module each; see methods/base.py for the interface they implement."""
+"""Compression methods, one module each; see methods/base.py for the interfaces they implement."""
 
 from __future__ import annotations
 
-from .base import LayerResult, Method, Statistic, Target
+from .base import LayerResult, Method, MethodOptions, Statistic, StructuredMethod, Target
+from .flap import Flap
 from .gptq import GPTQ
 from .magnitude import Magnitude
 from .quant import QuantRecord, QuantSpec
@@ -10,6 +11,11 @@ from .rtn import RTN
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (Magnitude, Wanda, SparseGPT, RTN, GPTQ)}
+METHODS: dict[str, type[MethodOptions]] = {
+    method.name: method for method in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, Flap)
+}
 
-__all__ = ["LayerResult", "Method", "QuantRecord", "QuantSpec", "Statistic", "Target", "METHODS"]
+__all__ = [
+    "LayerResult", "Method", "MethodOptions", "QuantRecord", "QuantSpec", "Statistic", "StructuredMethod", "Target",
+    "METHODS",
+]

@@ -1,12 +1,21 @@
-"""The interface every compression method implements.
+"""The interfaces compression methods implement.
 
-A method is made from its settings and knows nothing of files, devices or schedules. For each linear layer of the
-block being compressed, the scheduler:
+A method is made from its settings and knows nothing of files, devices or schedules.
+
+`Method` (unstructured and N:M sparsity) works layer by layer. For each linear layer of the block being compressed,
+the scheduler:
 1. asks `statistic(layer)` for an accumulator of what the method needs from the layer's inputs (None: nothing);
 2. feeds it every calibration micro-batch's inputs to that layer (`Statistic.update`);
 3. calls `compress(layer, statistic, target)` and writes the returned weight back into the layer.
 A target asks for pruning (sparsity or N:M), quantization (a `QuantSpec`), or both; `check(target)` refuses, before
 any work is done, what the method cannot do.
+
+`StructuredMethod` removes whole units (attention heads, MLP channels) with one decision for the whole model, so it
+works in two passes over the blocks (streamer/structured.py):
+1. statistics: for each channel group of each block (see streamer/adapters/base.py: ChannelGroup), `statistic` of
+   the group's consumer layer is fed its inputs, and `summarize` turns it into a `ChannelSummary`, kept on disk;
+2. `select` sees every group's scores at once and decides which units stay;
+3. pruning: for each block, `prune` returns the group's layers cut down to the kept units.
 """
 
 from __future__ import annotations
@@ -89,25 +98,30 @@ class LayerCost:
     update_bytes_per_token: int = 0
 
 
-class Method(ABC):
-    """A compression method: settings in the constructor, per-layer maths in `compress`."""
+class MethodOptions(ABC):
+    """What every method has: a name, a one-line summary for --help, its own options and settings."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    prunes: ClassVar[bool] = True  # accepts sparsity and N:M targets
-    quantizes: ClassVar[bool] = False  # accepts targets with a quantization grid
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add this method's own command-line options (all methods share --sparsity and --pattern)."""
+        """Add this method's own command-line options (unstructured methods share --sparsity and --pattern)."""
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Method":
+    def from_args(cls, args: argparse.Namespace) -> "MethodOptions":
         return cls()
 
     def settings(self) -> dict:
         """Everything that changes this method's result, for the output record and the resume fingerprint."""
         return asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+
+
+class Method(MethodOptions):
+    """A per-layer compression method: settings in the constructor, per-layer maths in `compress`."""
+
+    prunes: ClassVar[bool] = True  # accepts sparsity and N:M targets
+    quantizes: ClassVar[bool] = False  # accepts targets with a quantization grid
 
     def check(self, target: Target) -> None:
         """Raise ValueError when this method cannot reach `target` (called before any work is done)."""
@@ -138,3 +152,69 @@ class Method(ABC):
         override it with their own accounting.
         """
         return LayerCost(working_bytes=rows * columns * (3 * 4 + dtype.itemsize))
+
+
+@dataclass
+class ChannelSummary:
+    """What a structured method keeps of one channel group of one block between its two passes.
+
+    score: importance of each consumer input channel (higher: more worth keeping), on the method's own scale.
+    mean: mean of each consumer input channel over all calibration tokens (for compensating removed channels).
+    """
+
+    score: torch.Tensor
+    mean: torch.Tensor
+
+
+@dataclass
+class UnitGroup:
+    """The removable units of one channel group in one block, as the global search sees them.
+
+    block, name: which block and group ("attention", "mlp"); scores: the summary's per-channel scores, the units
+    laid out one after another (unit u is channels u·w .. (u+1)·w − 1); cost: parameters removed with one unit.
+    """
+
+    block: int
+    name: str
+    scores: torch.Tensor
+    units: int
+    cost: int
+
+    @property
+    def width(self) -> int:
+        return self.scores.numel() // self.units
+
+
+@dataclass
+class PrunedLayer:
+    """A linear layer cut down to the kept units (bias None: the layer has none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class StructuredMethod(MethodOptions):
+    """Removes whole units across the model: statistics per block, one global selection, pruning per block."""
+
+    @property
+    def adds_bias(self) -> bool:
+        """Whether pruned consumers carry a bias (a compensation), to be added where the family has none."""
+        return False
+
+    @abstractmethod
+    def statistic(self, consumer: nn.Linear) -> Statistic:
+        """An accumulator for the inputs of a channel group's consumer layer."""
+
+    @abstractmethod
+    def summarize(self, consumer: nn.Linear, statistic: Statistic) -> ChannelSummary:
+        """Per-channel scores and means of the consumer's inputs, from its weight and its accumulated inputs."""
+
+    @abstractmethod
+    def select(self, groups: list[UnitGroup]) -> list[torch.Tensor]:
+        """For every group, a bool mask over its units: True for the units that stay (at least one per group)."""
+
+    @abstractmethod
+    def prune(
+        self, producers: dict[str, nn.Linear], consumer: nn.Linear, keep: torch.Tensor, summary: ChannelSummary
+    ) -> tuple[dict[str, PrunedLayer], PrunedLayer]:
+        """The group's producers (rows) and consumer (columns) cut down to the units where `keep` is True."""

@@ -49,3 +49,41 @@ class ColumnNorms(Statistic):
     @property
     def norms(self) -> torch.Tensor:
         return self._squares.sqrt()
+
+
+class Moments(Statistic):
+    """Mean and variance of every input feature over all calibration tokens, in float64.
+
+    Each micro-batch's own mean and sum of squared deviations are merged into the running ones with Chan et al.'s
+    pairwise update, so no sum of squares of large activations is ever subtracted from another (the naive
+    E[x²] − E[x]² loses every digit when |mean| ≫ std).
+    """
+
+    def __init__(self, layer: nn.Linear):
+        shape, device = layer.in_features, layer.weight.device
+        self.tokens = 0
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._deviations = torch.zeros(shape, dtype=torch.float64, device=device)  # sum of (x − mean)²
+
+    def update(self, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).double()
+        count = flat.shape[0]
+        if count == 0:
+            return
+        mean = flat.mean(dim=0)
+        deviations = (flat - mean).pow(2).sum(dim=0)
+        total = self.tokens + count
+        delta = mean - self.mean
+        self.mean += delta * (count / total)
+        self._deviations += deviations + delta.pow(2) * (self.tokens * count / total)
+        self.tokens = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance (divided by the token count)."""
+        return self._deviations / max(self.tokens, 1)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """E[x²] = variance + mean²."""
+        return self.variance + self.mean.pow(2)

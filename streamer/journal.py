@@ -122,6 +122,12 @@ class Run:
             }
             self.save()
 
+    def phase(self, name: str, total_blocks: int) -> "Run":
+        """A run of its own for one pass of a multi-pass command, journaled in this run's work directory (so
+        --restart of this run discards it too), with this run's settings and fingerprints."""
+        return Run(self.work / name, f"{self.body['command']}:{name}", self.body["settings"],
+                   self.body["fingerprints"], total_blocks)
+
     # ---------------------------------------------------------------- lifecycle
     def _acquire_lock(self) -> None:
         self._lock = open(self.work / "lock", "w")

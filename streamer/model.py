@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
 from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import LayerpressError
+from .structure import GroupLayout, Skeleton, build_skeleton
 
 
 @dataclass
@@ -72,7 +73,10 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 
 class StagedModel:
-    """The skeleton of a checkpoint's model, with methods to materialize and release one stage at a time."""
+    """The skeleton of a checkpoint's model, with methods to materialize and release one stage at a time.
+
+    The skeleton has the checkpoint's per-block shapes when it was structurally pruned (streamer/structure.py).
+    """
 
     def __init__(
         self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None, add_biases: bool = False
@@ -80,7 +84,6 @@ class StagedModel:
         """add_biases: set the family's bias flags (Adapter.bias_flags), so that the block's linear layers get bias
         tensors; the ones the checkpoint lacks start at zero and are new output tensors (see `config_changes`)."""
         self.checkpoint = checkpoint
-        self.adapter: Adapter = adapter_for(checkpoint.config)
         self.device = device
         self.dtype = dtype or checkpoint_dtype(checkpoint)
         try:
@@ -88,15 +91,18 @@ class StagedModel:
         except (ValueError, KeyError, OSError) as exc:
             raise LayerpressError(f"cannot read the model config in {checkpoint.directory}: {exc}") from exc
         config.use_cache = False
+        self.adapter: Adapter = adapter_for(checkpoint.config)
         self.config_changes = {
             flag: True for flag in self.adapter.bias_flags if add_biases and getattr(config, flag, True) is not True
         }
-        self.model = self._skeleton(config)
-        before = set(self.model.state_dict())
+        skeleton = self._skeleton(config)
+        before = set(skeleton.model.state_dict())
         if self.config_changes:
             for flag, value in self.config_changes.items():
                 setattr(config, flag, value)
-            self.model = self._skeleton(config)
+            skeleton = self._skeleton(config)
+        self.model = skeleton.model
+        self.layouts: dict[str, GroupLayout] = skeleton.layouts
         self.config = config
         self.blocks: nn.ModuleList = self.model.get_submodule(self.adapter.blocks)
         self._names: dict[str, str] = {}
@@ -105,16 +111,16 @@ class StagedModel:
             self._names[name] = self._new_name(name, tensor) if name not in before else self._checkpoint_name(name)
         self._check_modules()
 
-    def _skeleton(self, config) -> nn.Module:
-        """The model of `config` on the meta device, its real buffers (rotary tables) on the compute device."""
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        model.eval().requires_grad_(False)
-        for module in model.modules():
+    def _skeleton(self, config) -> Skeleton:
+        """The model of `config` on the meta device (with the per-block shapes of a structurally pruned checkpoint),
+        its real buffers (rotary tables) on the compute device."""
+        skeleton = build_skeleton(config, self.dtype)
+        skeleton.model.eval().requires_grad_(False)
+        for module in skeleton.model.modules():
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(self.device)
-        return model
+        return skeleton
 
     # ---------------------------------------------------------------- names
     def _checkpoint_name(self, name: str) -> str:
@@ -174,6 +180,14 @@ class StagedModel:
 
     def checkpoint_names(self, names: list[str]) -> list[str]:
         return [self._names[name] for name in names]
+
+    def output_name(self, name: str) -> str:
+        """The checkpoint-style name of a model tensor; one the checkpoint lacks (a bias added by structured
+        pruning) is named like its module's weight, so base-model checkpoints keep their naming."""
+        if name in self._names:
+            return self._names[name]
+        module, _, leaf = name.rpartition(".")
+        return self._names[f"{module}.weight"].removesuffix("weight") + leaf
 
     def block_checkpoint_names(self, index: int) -> list[str]:
         return self.checkpoint_names(self.block_names(index))
@@ -237,6 +251,11 @@ class StagedModel:
         """Materialize block `index` (from `tensors` if `read_block` already read them) and return it."""
         self.place(self.block_names(index), self.read_block(index) if tensors is None else tensors)
         return self.blocks[index]
+
+    def materialize_all(self) -> PreTrainedModel:
+        """Every tensor read onto the device: the whole model, for use outside the block stream."""
+        self.materialize(list(self._names))
+        return self.model
 
     def release_block(self, index: int) -> None:
         self.release(self.block_names(index))
@@ -351,3 +370,18 @@ class Embedder:
         """The block extras for unpadded windows of this shape (they do not depend on the token values)."""
         dummy = torch.zeros(batch_size, seqlen, dtype=torch.long)
         return self._run_to_first_block(dummy).extras
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Load any checkpoint layerpress reads or writes as a ready transformers model (eval mode, cache on).
+
+    This is the loader for structurally pruned outputs, whose per-block shapes config.json alone cannot express
+    (AutoModelForCausalLM.from_pretrained refuses them); for other checkpoints it gives the same model.
+    """
+    staged = StagedModel(Checkpoint(directory), torch.device(device), dtype)
+    model = staged.materialize_all()
+    model.tie_weights()
+    model.config.use_cache = True
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model

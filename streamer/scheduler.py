@@ -16,6 +16,10 @@ Write hands each compressed layer to the output format (streamer/formats.py), pl
 With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer, which
 propagation fills only later); after compression a few parameters are trained towards them and merged
 (methods/reconstruct.py), so the next block's inputs come from the block as written.
+
+A structured method (FLAP) decides for the whole model at once, so it runs in passes instead (streamer/structured.py):
+
+    statistics pass (streamed) ─► search ─► pruning pass: for each block: read ─► cut to kept units ─► write ─► journal
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import psutil
 import torch
 from torch import nn
 
-from methods import LayerResult, Method, Target
+from methods import LayerResult, Method, StructuredMethod, Target
 from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
@@ -54,8 +59,10 @@ from .files import atomic_write
 from .formats import FORMATS, Format, LayerPlan, compressed_tensors_config
 from .journal import WORK_DIR, Run, read_journal
 from .model import StagedModel
+from . import structured
 from .planner import Budget, ModelShapes, Plan, Planner, Workload
-from .stream import BlockContext, StreamOptions, stream_blocks
+from .stream import BlockContext, StreamOptions, forward_until_observed, observe, stream_blocks, walk_blocks
+from .structure import STRUCTURE_KEY
 from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
 
 log = logging.getLogger("layerpress")
@@ -65,7 +72,7 @@ log = logging.getLogger("layerpress")
 class CompressSettings:
     model: Path
     out: Path
-    method: Method
+    method: Method | StructuredMethod
     target: Target
     calib: str
     nsamples: int = 128
@@ -144,53 +151,6 @@ def remove_offloaded_activations(options: StreamOptions) -> None:
     if options.offload_dir is not None:
         for i in (0, 1):
             (options.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
-
-
-class LayersObserved(Exception):
-    """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
-
-
-def observe(
-    linears: dict[str, nn.Linear],
-    statistics: dict[str, Statistic],
-    run_block: Callable[[], None],
-    stop_early: bool = False,
-) -> None:
-    """Run the block once with every layer's inputs fed to its statistic.
-
-    stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
-    each micro-batch, as `forward_until_observed` does).
-    """
-    waiting: set[str] = set(statistics)
-
-    def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
-        statistic.update(inputs)
-        waiting.discard(name)
-        if stop_early and not waiting:
-            waiting.update(statistics)
-            raise LayersObserved
-
-    hooks = [
-        linears[name].register_forward_pre_hook(lambda _, args, name=name, stat=stat: feed(name, stat, args[0]))
-        for name, stat in statistics.items()
-    ]
-    try:
-        run_block()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def forward_until_observed(context: BlockContext) -> Callable[[], None]:
-    """Run the block over every micro-batch, each forward stopped once the observed layers have their inputs."""
-
-    def step(hidden: torch.Tensor) -> None:
-        try:
-            context.staged.call_block(context.block, hidden, context.extras[hidden.shape[0]])
-        except LayersObserved:
-            pass
-
-    return lambda: context.acts.run(step, context.device, keep_outputs=False)
 
 
 def compress_block(
@@ -321,17 +281,21 @@ def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int
     return report
 
 
-def output_specs(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan]) -> list[TensorSpec]:
-    """The output tensors in write order: everything outside the blocks first, then block by block."""
-    names = staged.non_block_checkpoint_names()
+def output_specs(
+    staged: StagedModel, encoded: Callable[[str], list[TensorSpec] | None] = lambda name: None,
+    block_specs: Callable[[int], list[TensorSpec]] | None = None,
+) -> list[TensorSpec]:
+    """The output tensors in write order: everything outside the blocks first, then block by block.
+
+    encoded: the tensors a format writes for a checkpoint tensor (None: the tensor as it is); block_specs: the
+    tensors of a block when its shapes differ from the checkpoint's (structured pruning)."""
+    specs = [TensorSpec(name, *staged.tensor_spec(name)) for name in staged.non_block_checkpoint_names()]
     for index in range(staged.num_blocks):
-        names += staged.block_checkpoint_names(index)
-    specs = []
-    for name in names:
-        if name in plans:
-            specs += fmt.specs(plans[name])
-        else:
-            specs.append(TensorSpec(name, *staged.tensor_spec(name)))
+        if block_specs is not None:
+            specs += block_specs(index)
+            continue
+        for name in staged.block_checkpoint_names(index):
+            specs += encoded(name) or [TensorSpec(name, *staged.tensor_spec(name))]
     return specs
 
 
@@ -376,36 +340,56 @@ def compress(settings: CompressSettings) -> Path:
         settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
         settings.dtype, add_biases="biases" in settings.reconstruction.subsets,
     )
-    staged = calibrated.staged
-    try:
-        settings.method.check(settings.target)
-    except ValueError as exc:
-        raise LayerpressError(str(exc)) from exc
-    check_reconstruction(settings, staged)
-    plan = apply_plan(settings, staged, calibrated.seqlen)
-    record = settings.record(calibrated.seqlen, staged.dtype)
-    layer_targets = None
-    if settings.allocation.kind != "uniform":
-        layer_targets = settings.allocation.layer_sparsities(staged.linear_layers(), settings.target.sparsity)
-        record["layer_targets"] = layer_targets
-        log.info("allocation %s: layer sparsities from %.4f to %.4f", settings.allocation.kind,
-                 min(layer_targets.values()), max(layer_targets.values()))
+    staged, windows = calibrated.staged, calibrated.windows
+    if isinstance(settings.method, StructuredMethod):
+        check_structured(settings)
+        record = settings.record(calibrated.seqlen, staged.dtype)
 
-    def target_for(name: str) -> Target:
-        return settings.target if layer_targets is None else replace(settings.target, sparsity=layer_targets[name])
+        def work(run: Run) -> None:
+            _compress_structured(settings, staged, windows, run, record)
+    else:
+        try:
+            settings.method.check(settings.target)
+        except ValueError as exc:
+            raise LayerpressError(str(exc)) from exc
+        check_reconstruction(settings, staged)
+        plan = apply_plan(settings, staged, calibrated.seqlen)
+        record = settings.record(calibrated.seqlen, staged.dtype)
+        layer_targets = None
+        if settings.allocation.kind != "uniform":
+            layer_targets = settings.allocation.layer_sparsities(staged.linear_layers(), settings.target.sparsity)
+            record["layer_targets"] = layer_targets
+            log.info("allocation %s: layer sparsities from %.4f to %.4f", settings.allocation.kind,
+                     min(layer_targets.values()), max(layer_targets.values()))
 
-    fmt = FORMATS[settings.format]
-    plans = layer_plans(staged, settings.method, target_for)
-    check_plans(fmt, plans)
+        def target_for(name: str) -> Target:
+            return settings.target if layer_targets is None else replace(settings.target, sparsity=layer_targets[name])
+
+        fmt = FORMATS[settings.format]
+        plans = layer_plans(staged, settings.method, target_for)
+        check_plans(fmt, plans)
+
+        def work(run: Run) -> None:
+            _compress(settings, staged, windows, run, record, plan, fmt, plans, target_for)
+
     run = Run(settings.out, "compress", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
     try:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, calibrated.windows, run, record, plan, fmt, plans, target_for)
+            work(run)
     finally:
         run.close()
     return settings.out
+
+
+def check_structured(settings: CompressSettings) -> None:
+    """A structured method takes none of the per-layer options: refuse them rather than ignore them."""
+    name = settings.method.name
+    if settings.target.quant is not None or settings.format != "dense":
+        raise LayerpressError(f"{name} removes whole heads and channels: it takes no --wbits and writes --format dense")
+    if settings.allocation.kind != "uniform" or settings.reconstruction.enabled:
+        raise LayerpressError(f"{name} decides every block's share itself: it takes no --allocation or --reconstruct")
 
 
 def check_reconstruction(settings: CompressSettings, staged: StagedModel) -> None:
@@ -472,66 +456,109 @@ def _recorded_micro_batch(settings: CompressSettings) -> int | None:
     return body["settings"].get("micro_batch") if body is not None else None
 
 
-def _compress(
-    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan,
-    fmt: Format, plans: dict[str, LayerPlan], target_for: Callable[[str], Target],
-) -> None:
-    started = time.perf_counter()
+@contextmanager
+def _output(settings: CompressSettings, staged: StagedModel, run: Run, specs: list[TensorSpec]) -> Iterator[ShardWriter]:
+    """The output's shard writer, resumed from the journal, with everything outside the blocks already copied."""
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
-    writer = ShardWriter(settings.out, output_specs(staged, fmt, plans), settings.max_shard_bytes, state)
-    groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
-    reconstruction = settings.reconstruction
+    writer = ShardWriter(settings.out, specs, settings.max_shard_bytes, state)
     try:
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
             name = non_block[writer.state.written]
             writer.write(name, staged.checkpoint.read([name])[name])
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-writer") as background:
-            pending: list[Future[float]] = []
+        yield writer
+    finally:
+        writer.close()
 
-            def write(tensors: dict[str, torch.Tensor]) -> float:
-                clock = time.perf_counter()
-                for name, tensor in tensors.items():
-                    writer.write(name, tensor)
-                writer.sync()
-                return time.perf_counter() - clock
 
-            def process(context: BlockContext) -> dict[str, Any]:
-                """Compress the block, then write it on the writer thread while the loop propagates through it."""
-                journal: dict[str, Any] = {}
-                results = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
-                    context, settings.method, groups, target_for, plan.choice.per_layer_statistics,
-                    keep_dense_outputs=reconstruction.enabled,
-                )
-                if reconstruction.enabled:
-                    report = reconstruct_block(context, reconstruction, settings.seed)
-                    journal["reconstruction"] = {str(context.index): asdict(report)}
-                with context.phase("encode"):
-                    tensors = encoded_block_state(staged, context.index, fmt, plans, results)
-                pending.append(background.submit(write, tensors))
-                layers = {context.layer_name(name): zero_fraction(result.weight) for name, result in results.items()}
-                log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
-                         100 * sum(layers.values()) / max(len(layers), 1), len(layers))
-                return {"layers": layers, **journal}
+def _write_block(writer: ShardWriter, tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+    """Append one block's tensors and make them durable; returns the seconds it took."""
+    clock = time.perf_counter()
+    for name, tensor in tensors:
+        writer.write(name, tensor)
+    writer.sync()
+    return time.perf_counter() - clock
 
-            def settle(context: BlockContext) -> dict[str, Any]:
-                """Wait until the block is on disk (the journal may then record it)."""
-                with context.phase("write wait"):
-                    context.phase.seconds["write"] = pending.pop().result()
-                return {"writer": asdict(writer.state)}
 
-            stream_blocks(staged, windows, settings.stream, process, run, desc="compress", settle=settle)
+def _finish(settings: CompressSettings, staged: StagedModel, run: Run, writer: ShardWriter, config: dict,
+            started: float) -> None:
+    """Config, side files and index (the index last: only now does the output load), then close the journal."""
+    atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
+    copy_side_files(settings.model, settings.out)
+    writer.write_index()
+    run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
+                "bytes_read": staged.checkpoint.bytes_read})
+    remove_offloaded_activations(settings.stream)
+    log.info("wrote %s (%d shards)", settings.out, len(writer.shards))
+
+
+def _compress(
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan,
+    fmt: Format, plans: dict[str, LayerPlan], target_for: Callable[[str], Target],
+) -> None:
+    started = time.perf_counter()
+    groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
+    reconstruction = settings.reconstruction
+    encoded = lambda name: fmt.specs(plans[name]) if name in plans else None  # noqa: E731
+    with _output(settings, staged, run, output_specs(staged, encoded)) as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-writer") as background:
+        pending: list[Future[float]] = []
+
+        def process(context: BlockContext) -> dict[str, Any]:
+            """Compress the block, then write it on the writer thread while the loop propagates through it."""
+            journal: dict[str, Any] = {}
+            results = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
+                context, settings.method, groups, target_for, plan.choice.per_layer_statistics,
+                keep_dense_outputs=reconstruction.enabled,
+            )
+            if reconstruction.enabled:
+                report = reconstruct_block(context, reconstruction, settings.seed)
+                journal["reconstruction"] = {str(context.index): asdict(report)}
+            with context.phase("encode"):
+                tensors = encoded_block_state(staged, context.index, fmt, plans, results)
+            pending.append(background.submit(_write_block, writer, tensors.items()))
+            layers = {context.layer_name(name): zero_fraction(result.weight) for name, result in results.items()}
+            log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
+                     100 * sum(layers.values()) / max(len(layers), 1), len(layers))
+            return {"layers": layers, **journal}
+
+        def settle(context: BlockContext) -> dict[str, Any]:
+            """Wait until the block is on disk (the journal may then record it)."""
+            with context.phase("write wait"):
+                context.phase.seconds["write"] = pending.pop().result()
+            return {"writer": asdict(writer.state)}
+
+        stream_blocks(staged, windows, settings.stream, process, run, desc="compress", settle=settle)
         config = output_config(staged, fmt, plans, {**record, "layer_sparsity": run.body["layers"]})
         if reconstruction.enabled:
             config["layerpress"]["reconstruction_summary"] = reconstruction_summary(
                 run.body["reconstruction"], sum(math.prod(spec.shape) for _, spec in writer.order)
             )
-        atomic_write(settings.out / "config.json", json.dumps(config, indent=2).encode())
-        copy_side_files(settings.model, settings.out)
-        writer.write_index()
-    finally:
-        writer.close()
-    run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
-                "bytes_read": staged.checkpoint.bytes_read})
-    remove_offloaded_activations(settings.stream)
-    log.info("wrote %s (%d shards)", settings.out, len(writer.shards))
+        _finish(settings, staged, run, writer, config, started)
+
+
+def _compress_structured(
+    settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict
+) -> None:
+    """Statistics pass, global search, pruning pass (streamer/structured.py) into physically smaller shards."""
+    started = time.perf_counter()
+    method = settings.method
+    summaries = structured.collect_summaries(method, staged, windows, settings.stream, run)
+    plan = structured.plan_units(method, staged, summaries, run)
+    layout = structured.pruned_layout(method, staged, plan)
+    with _output(settings, staged, run, output_specs(staged, block_specs=layout.specs)) as writer:
+
+        def process(index: int, block: nn.Module) -> dict[str, Any]:
+            tensors = structured.prune_block(method, staged, summaries, plan, index, block)
+            kept = {f"{staged.block_prefix(index)}{name}": int(plan.keep[name][index].sum()) for name in plan.keep}
+            log.info("prune: block %d/%d: units kept %s", index + 1, staged.num_blocks,
+                     ", ".join(f"{name} {count}/{staged.layouts[name].units_in(block)}"
+                               for name, count in zip(plan.keep, kept.values())))
+            _write_block(writer, layout.block_tensors(index, tensors))
+            return {"writer": asdict(writer.state), "layers": kept}
+
+        walk_blocks(staged, process, run, desc="prune")
+        config = dict(staged.checkpoint.config)
+        config[STRUCTURE_KEY] = layout.structure
+        config["layerpress"] = {**record, "kept_units": run.body["layers"], "parameters": plan.parameters}
+        _finish(settings, staged, run, writer, config, started)

@@ -6,21 +6,33 @@ import json
 from pathlib import Path
 
 from .errors import LayerpressError
-from .journal import read_journal
+from .journal import WORK_DIR, read_journal
+
+
+def _progress(body: dict, indent: str) -> list[str]:
+    done, total = body["blocks_done"], body["total_blocks"]
+    timings = body.get("timings", [])
+    lines = []
+    if timings:
+        per_block = sum(sum(v for k, v in t.items() if k != "block") for t in timings) / len(timings)
+        lines.append(f"{indent}mean time per block: {per_block:.1f}s")
+        if body["state"] != "complete":
+            lines.append(f"{indent}left: {total - done} blocks, about {per_block * (total - done) / 60:.1f} min")
+    return lines
 
 
 def describe(out: Path) -> str:
     body = read_journal(out)
     if body is None:
         raise LayerpressError(f"{out} holds no layerpress run (no .layerpress/journal.json)")
-    done, total = body["blocks_done"], body["total_blocks"]
-    timings = body.get("timings", [])
-    lines = [f"{out}: {body['command']} {body['state']}, {done} of {total} blocks done"]
-    if timings:
-        per_block = sum(sum(v for k, v in t.items() if k != "block") for t in timings) / len(timings)
-        lines.append(f"  mean time per block: {per_block:.1f}s")
-        if body["state"] != "complete":
-            lines.append(f"  left: {total - done} blocks, about {per_block * (total - done) / 60:.1f} min")
+    lines = [f"{out}: {body['command']} {body['state']}, {body['blocks_done']} of {body['total_blocks']} blocks done"]
+    lines += _progress(body, "  ")
+    for phase in sorted(path for path in (out / WORK_DIR).iterdir() if path.is_dir()):  # passes before the last
+        phase_body = read_journal(phase)
+        if phase_body is not None:
+            lines.append(f"  pass {phase.name}: {phase_body['state']}, "
+                         f"{phase_body['blocks_done']} of {phase_body['total_blocks']} blocks done")
+            lines += _progress(phase_body, "    ")
     if "writer" in body:  # compress writes shards; a score pass writes scores.json at the end
         lines.append(f"  shards finished: {len(body['writer']['checksums'])}")
     if body.get("summary"):

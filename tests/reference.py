@@ -1,9 +1,9 @@
-"""An in-memory oracle: the same compression algorithm run on the whole model, loaded by transformers.
+"""In-memory oracles: the same compression algorithms run on the whole model, loaded by transformers.
 
-It does what the reference implementations (SparseGPT's and Wanda's scripts) do: load the full model, catch the
-first block's inputs and call arguments from the model's own forward, then walk the blocks in memory. Streaming
-must give the same tensors. With a reconstruction, each block is also trained towards its dense outputs (as PERP's
-layer-wise reconstruction does it in memory), with the seeds the streaming run uses.
+They do what the reference implementations (SparseGPT's, Wanda's and FLAP's scripts) do: load the full model, catch
+the first block's inputs and call arguments from the model's own forward, then walk the blocks in memory.
+Streaming must give the same tensors. With a reconstruction, each block is also trained towards its dense outputs
+(as PERP's layer-wise reconstruction does it in memory), with the seeds the streaming run uses.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from methods import Method, Target
+from methods import Method, StructuredMethod, Target
+from methods.base import ChannelSummary, UnitGroup
+from methods.flap import unit_channels
 from methods.reconstruct import Reconstruction, reconstruct
-from streamer.adapters import adapter_for
+from streamer.adapters import Adapter, adapter_for
 from streamer.scheduler import block_seed
+from streamer.structure import layout_of
 
 
 class _Stop(Exception):
@@ -94,16 +97,8 @@ def compress_in_memory(
             linears = {name: block.get_submodule(name) for name in adapter.linear_names}
             for group in groups:
                 stats = {name: method.statistic(linears[name]) for name in group}
-                hooks = [
-                    linears[name].register_forward_pre_hook(lambda _, a, s=s: s.update(a[0]))
-                    for name, s in stats.items()
-                    if s is not None
-                ]
-                if hooks:
-                    for x in hidden:
-                        forward(block, x)
-                for h in hooks:
-                    h.remove()
+                if any(s is not None for s in stats.values()):
+                    feed(linears, stats, lambda: [forward(block, x) for x in hidden])
                 for name in group:
                     result = method.compress(linears[name], stats[name], target)
                     linears[name].weight.copy_(result.weight)
@@ -115,3 +110,77 @@ def compress_in_memory(
         with torch.no_grad():
             hidden = [forward(block, x) for x in hidden]
     return model.state_dict()
+
+
+def structured_in_memory(
+    model_dir: Path, method: StructuredMethod, windows: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], PreTrainedModel, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """A structured method on the whole model, statistics from the dense model as the FLAP reference takes them.
+
+    Returns the pruned layers' expected tensors (model names), the dense model with the removed units zeroed and
+    the compensation in its biases (it must compute exactly what the smaller model computes), and the mean and
+    variance of every consumer's inputs over all calibration tokens, taken directly on all tokens at once
+    ((block, group) -> (mean, variance)).
+    """
+    model, adapter, hidden, forward = load_in_memory(model_dir, windows)
+    blocks = model.get_submodule(adapter.blocks)
+    layouts = {group.name: layout_of(model.config, blocks[0], group) for group in adapter.channel_groups}
+    summaries: list[dict[str, ChannelSummary]] = []
+    units: list[UnitGroup] = []
+    direct: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            consumers = {name: block.get_submodule(layout.group.consumer) for name, layout in layouts.items()}
+            stats = {name: method.statistic(layer) for name, layer in consumers.items()}
+            seen: dict[str, list[torch.Tensor]] = {name: [] for name in consumers}
+            keep_inputs = [consumers[name].register_forward_pre_hook(lambda _, a, n=name: seen[n].append(a[0]))
+                           for name in consumers]
+            feed(consumers, stats, lambda: [forward(block, x) for x in hidden])
+            for hook in keep_inputs:
+                hook.remove()
+            for name, inputs in seen.items():
+                flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double()
+                direct[(index, name)] = (flat.mean(dim=0), flat.var(dim=0, unbiased=False))
+            summaries.append({name: method.summarize(consumers[name], stats[name]) for name in consumers})
+            units += [UnitGroup(index, name, summaries[-1][name].score, layout.units, layout.unit_cost(block))
+                      for name, layout in layouts.items()]
+            hidden = [forward(block, x) for x in hidden]
+        masks = method.select(units)
+        expected: dict[str, torch.Tensor] = {}
+        for group, keep in zip(units, masks):
+            block, layout = blocks[group.block], layouts[group.name]
+            producers = {path: block.get_submodule(path) for path in layout.group.producers}
+            consumer = block.get_submodule(layout.group.consumer)
+            pruned, new_consumer = method.prune(producers, consumer, keep, summaries[group.block][group.name])
+            prefix = f"{adapter.blocks}.{group.block}."
+            for path, layer in (*pruned.items(), (layout.group.consumer, new_consumer)):
+                expected[f"{prefix}{path}.weight"] = layer.weight.clone()
+                if layer.bias is not None:
+                    expected[f"{prefix}{path}.bias"] = layer.bias.clone()
+            for path, layer in producers.items():
+                removed = unit_channels(~keep, layer.out_features // group.units)
+                layer.weight[removed] = 0
+                if layer.bias is not None:
+                    layer.bias[removed] = 0
+            consumer.weight[:, unit_channels(~keep, consumer.in_features // group.units)] = 0
+            if new_consumer.bias is not None:
+                consumer.bias = nn.Parameter(new_consumer.bias.clone())
+    return expected, model, direct
+
+
+def load_in_memory(
+    model_dir: Path, windows: torch.Tensor
+) -> tuple[PreTrainedModel, Adapter, list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    """The whole model, its adapter, the first block's input for every window, and how to call a block."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hidden, forward = first_block_inputs(model, windows)
+    return model, adapter_for(model.config.to_dict()), hidden, forward
+
+
+def feed(layers: dict[str, nn.Linear], statistics: dict, run: Callable[[], object]) -> None:
+    """Run with every named layer's inputs fed to its statistic."""
+    hooks = [layers[name].register_forward_pre_hook(lambda _, a, s=s: s.update(a[0]))
+             for name, s in statistics.items() if s is not None]
+    run()
+    for hook in hooks:
+        hook.remove()

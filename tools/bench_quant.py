@@ -101,7 +101,7 @@ def main() -> None:
         print(f"{name}: {json.dumps(results[name])}", flush=True)
 
     dense = results["dense"]
-    print(f"\n| run | ppl | bytes on disk | vs fp32 | vs fp16 |\n|---|---|---|---|---|")
+    print("\n| run | ppl | bytes on disk | vs fp32 | vs fp16 |\n|---|---|---|---|---|")
     print(f"| dense fp32 | {dense['ppl']:.2f} | {dense['bytes']:,} | 1.00 | {dense['bytes'] / dense['fp16_bytes']:.2f} |")
     print(f"| dense fp16 (computed) | - | {dense['fp16_bytes']:,} | {dense['fp16_bytes'] / dense['bytes']:.2f} | 1.00 |")
     for name, row in results.items():

@@ -2,13 +2,38 @@
 
 Everything else is derived from transformers' own model classes: the pre-block stage (embeddings, positions,
 rotary tables, ALiBi, masks) is whatever the model's forward computes before it calls its first block, captured
-at run time (see streamer/model.py). So an adapter only names where the blocks are, what follows them, and which
-linear layers a block has, in the order its forward uses them.
+at run time (see streamer/model.py). So an adapter only names where the blocks are, what follows them, which
+linear layers a block has, in the order its forward uses them, and which of their channels can be removed whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels a block can lose whole (structured pruning): attention heads or MLP intermediate channels.
+
+    The channels are output rows of the `producers` and input columns of the `consumer`; they are removed in
+    units of equal width, laid out one after another in every one of these layers (unit u of a layer whose
+    dimension holds `units` · w channels is channels u·w .. (u+1)·w − 1).
+
+    name: the group's name in records ("attention", "mlp").
+    producers: linear layers (relative to the block) whose output rows carry the channels, e.g. q/k/v, up/gate.
+    consumer: the linear layer whose input columns take them, e.g. the attention output or MLP down projection.
+    units_key: config attribute giving the number of units per layer (for grouped-query attention the key/value
+        heads: a unit is one key/value head with the query heads that share it); None: every consumer input
+        column is a unit (MLP channels).
+    head_attributes: module attributes (relative to the block) that hold a per-layer count the forward reshapes
+        with, paired with the config attribute they are built from; they are scaled to the units kept.
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    consumer: str
+    units_key: str | None = None
+    head_attributes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,7 @@ class Adapter:
     norms: the block's normalization layers, relative to the block (trained by --reconstruct norms).
     bias_flags: config.json flags that give the block's linear layers biases (set by --reconstruct biases so that
         the output, with its new bias tensors, loads in transformers); flags a family's config lacks are ignored.
+    channel_groups: what structured pruning may remove from a block (empty: the family cannot be pruned so).
     """
 
     name: str
@@ -34,6 +60,7 @@ class Adapter:
     sequential_groups: tuple[tuple[str, ...], ...]
     norms: tuple[str, ...] = ()
     bias_flags: tuple[str, ...] = ()
+    channel_groups: tuple[ChannelGroup, ...] = ()
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -1,6 +1,9 @@
-"""OPT: learned positions, LayerNorm before (or, for 350m, after) each sub-layer, optional in/out projections."""
+"""OPT: learned positions, LayerNorm before (or, for 350m, after) each sub-layer, optional in/out projections.
 
-from .base import Adapter
+Attention reshapes with its `num_heads` attribute, which structured pruning sets per layer.
+"""
+
+from .base import Adapter, ChannelGroup
 
 OPT = Adapter(
     name="opt",
@@ -15,4 +18,11 @@ OPT = Adapter(
     ),
     norms=("self_attn_layer_norm", "final_layer_norm"),
     bias_flags=("enable_bias",),
+    channel_groups=(
+        ChannelGroup(
+            "attention", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.out_proj",
+            units_key="num_attention_heads", head_attributes=(("self_attn.num_heads", "num_attention_heads"),),
+        ),
+        ChannelGroup("mlp", ("fc1",), "fc2"),
+    ),
 )
