@@ -26,6 +26,8 @@ EPILOG = """\
 examples:
   python main.py compress --model IN --out OUT --method sparsegpt --sparsity 0.5
   python main.py compress --model IN --out OUT --method wanda --pattern 2:4
+  python main.py gradients --model IN --out GRAD
+  python main.py compress --model IN --out OUT --method gblm --gradients GRAD --alpha 100
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -61,7 +63,7 @@ def parse_device(text: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
+def add_common(parser: argparse.ArgumentParser, offload: bool = True) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--seqlen", type=int, default=2048,
@@ -72,8 +74,18 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of the blocks (default: the checkpoint's); outputs keep the checkpoint's")
     parser.add_argument("--micro-batch", type=int, default=1,
                         help="windows per block forward (default: 1)")
-    parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
-                        help="keep the activations in memory-mapped files in DIR instead of RAM")
+    if offload:
+        parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
+                            help="keep the activations in memory-mapped files in DIR instead of RAM")
+
+
+def add_calibration(parser: argparse.ArgumentParser) -> None:
+    """The calibration options, shared by every command that draws calibration windows."""
+    parser.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
+                        help="calibration text: a file, a saved datasets directory, or a datasets spec "
+                        "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,19 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of each layer's weights to prune, in [0, 1) (default: 0.5)")
     target.add_argument("--pattern", type=parse_pattern, default=None, metavar="N:M",
                         help="semi-structured sparsity: N zeros in every M consecutive weights, e.g. 2:4")
-    compress.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
-                          help="calibration text: a file, a saved datasets directory, or a datasets spec "
-                          "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
-    compress.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
-    compress.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions (default: 0)")
+    add_calibration(compress)
     compress.add_argument("--true-sequential", action="store_true",
                           help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
                           "through the already-compressed groups before it")
     compress.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
     compress.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
     method_options = compress.add_argument_group("method options")
+    method_options.add_argument("--gradients", type=Path, default=None, metavar="GRAD_DIR",
+                                help="gblm: gradient norms written by `main.py gradients` with the same model "
+                                "and calibration options")
     for cls in METHODS.values():
         cls.add_arguments(method_options)
+
+    gradients = commands.add_parser(
+        "gradients", help="per-weight gradient norms of the LM loss on the calibration windows (for gblm)",
+        description="Forward block by block keeping each block's inputs, the loss at the head, then backward "
+        "block by block: per weight, the l2 norm over calibration windows of the gradient of each window's mean "
+        "token loss, written as safetensors (one file per block) into --out. Activations and gradients live in "
+        "memory-mapped files in --out (about blocks x nsamples x seqlen x hidden values of disk at the peak). "
+        "Re-running the same command resumes a partial run.",
+    )
+    add_common(gradients, offload=False)
+    gradients.add_argument("--out", type=Path, required=True, help="gradients directory (new, or a partial run's)")
+    add_calibration(gradients)
+    gradients.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
 
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
@@ -123,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
 
     status = commands.add_parser("status", help="how far a run in an output directory got, and what is left")
-    status.add_argument("out", type=Path, help="output directory of a compress run")
+    status.add_argument("out", type=Path, help="output directory of a compress or gradients run")
     return parser
 
 
@@ -173,8 +197,26 @@ def run_compress(args: argparse.Namespace) -> None:
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
         stream=stream_options(args),
+        gradients=args.gradients,
     )
     compress(settings)
+
+
+def run_gradients(args: argparse.Namespace) -> None:
+    from streamer.gradients import GradientSettings, compute_gradients
+
+    compute_gradients(GradientSettings(
+        model=args.model,
+        out=args.out,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=args.device,
+        micro_batch=args.micro_batch,
+        restart=args.restart,
+    ))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -203,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         check_counts(args)
-        {"compress": run_compress, "eval": run_eval, "status": run_status}[args.command](args)
+        commands = {"compress": run_compress, "gradients": run_gradients, "eval": run_eval, "status": run_status}
+        commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)
         return 1

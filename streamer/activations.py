@@ -15,6 +15,12 @@ import torch
 
 from .files import guard_disk
 
+
+def micro_batches(windows: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` windows covering all `windows`."""
+    return [slice(start, min(start + size, windows)) for start in range(0, windows, size)]
+
+
 class ActivationBuffer:
     """A (windows, seqlen, hidden) tensor in RAM or backed by a file."""
 
@@ -81,7 +87,7 @@ class Activations:
         self.windows = windows
 
     def batches(self) -> list[slice]:
-        return [slice(s, min(s + self.micro_batch, self.windows)) for s in range(0, self.windows, self.micro_batch)]
+        return micro_batches(self.windows, self.micro_batch)
 
     def batch_sizes(self) -> set[int]:
         return {batch.stop - batch.start for batch in self.batches()}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -90,3 +92,22 @@ def capped_seqlen(requested: int, config: dict) -> int:
     """The window length, capped at the model's maximum positions where it has one."""
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     return min(requested, int(limit)) if limit else requested
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A run's calibration windows, how records name them, and their fingerprint (both go into the journal)."""
+
+    windows: torch.Tensor
+    record: dict[str, Any]
+    fingerprint: str
+
+
+def load_calibration(
+    model_dir: Path, config: dict, source: str | Path, nsamples: int, seqlen: int, seed: int
+) -> Calibration:
+    """The calibration windows of --calib/--nsamples/--seqlen/--seed, as every calibrated command draws them."""
+    seqlen = capped_seqlen(seqlen, config)
+    windows = calibration_windows(tokenize(load_tokenizer(model_dir), load_text(source)), nsamples, seqlen, seed)
+    record = {"source": describe_source(source), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return Calibration(windows, record, windows_fingerprint(windows))

@@ -24,17 +24,10 @@ from methods import Method, Target
 from methods.base import Statistic
 
 from .checkpoint import Checkpoint
-from .data import (
-    calibration_windows,
-    capped_seqlen,
-    describe_source,
-    load_text,
-    load_tokenizer,
-    tokenize,
-    windows_fingerprint,
-)
+from .data import Calibration, load_calibration
 from .errors import LayerpressError
 from .files import atomic_write
+from .gradients import GradientNorms
 from .journal import Run
 from .model import StagedModel
 from .stream import BlockContext, StreamOptions, stream_blocks
@@ -58,15 +51,16 @@ class CompressSettings:
     max_shard_bytes: int = 5 * 10**9
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
+    gradients: Path | None = None  # a `main.py gradients` directory, for methods that use gradient norms
 
-    def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
         return {
             "method": self.method.name,
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
-            "calibration": {"source": describe_source(self.calib), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed},
+            "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "true_sequential": self.true_sequential,
@@ -89,13 +83,21 @@ def observe(linears: dict[str, nn.Linear], statistics: dict[str, Statistic], run
 
 
 def compress_block(
-    context: BlockContext, method: Method, groups: list[tuple[str, ...]], target_for: Callable[[str], Target]
+    context: BlockContext,
+    method: Method,
+    groups: list[tuple[str, ...]],
+    target_for: Callable[[str], Target],
+    precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer."""
+    """Compress every linear layer of the block in place, group by group; returns the sparsity per layer.
+
+    precomputed: by layer name, the tensors the method's `statistic` takes besides the layer (see Method.precomputed).
+    """
     linears = context.linears
+    precomputed = precomputed or {}
     sparsity = {}
     for group in groups:
-        statistics = {name: method.statistic(linears[name]) for name in group}
+        statistics = {name: method.statistic(linears[name], **precomputed.get(name, {})) for name in group}
         active = {name: stat for name, stat in statistics.items() if stat is not None}
         if active:
             observe(linears, active, context.forward)
@@ -127,25 +129,51 @@ def compress(settings: CompressSettings) -> Path:
         raise LayerpressError("the output directory must differ from the model directory")
     checkpoint = Checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
-    seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
-    tokenizer = load_tokenizer(settings.model)
-    windows = calibration_windows(
-        tokenize(tokenizer, load_text(settings.calib)), settings.nsamples, seqlen, settings.seed
+    calibration = load_calibration(
+        settings.model, checkpoint.config, settings.calib, settings.nsamples, settings.seqlen, settings.seed
     )
-    record = settings.record(seqlen, staged.dtype)
-    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)}
+    record = settings.record(calibration.record, staged.dtype)
+    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": calibration.fingerprint}
+    gradients = gradient_norms(settings, checkpoint, calibration)
+    if gradients is not None:
+        fingerprints["gradients"] = gradients.fingerprint
     run = Run(settings.out, "compress", record, fingerprints, staged.num_blocks, restart=settings.restart)
     try:
         if run.complete:
             log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
         else:
-            _compress(settings, staged, windows, run, record)
+            _compress(settings, staged, calibration.windows, run, record, gradients)
     finally:
         run.close()
     return settings.out
 
 
-def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict) -> None:
+def gradient_norms(settings: CompressSettings, checkpoint: Checkpoint, calibration: Calibration) -> GradientNorms | None:
+    """The gradient norms of --gradients when the method takes them, checked against this model and calibration."""
+    method = settings.method
+    unknown = set(method.precomputed) - {"gradient_norms"}
+    if unknown:
+        raise LayerpressError(f"{method.name} needs precomputed {sorted(unknown)}, which no layerpress pass makes")
+    if "gradient_norms" not in method.precomputed:
+        if settings.gradients is not None:
+            raise LayerpressError(f"--gradients is for methods that use gradient norms (gblm), not {method.name}")
+        return None
+    if settings.gradients is None:
+        raise LayerpressError(
+            f"{method.name} needs gradient norms: make them with `main.py gradients --model IN --out GRAD_DIR` "
+            "(same calibration options) and pass --gradients GRAD_DIR"
+        )
+    return GradientNorms(settings.gradients, checkpoint, calibration)
+
+
+def _compress(
+    settings: CompressSettings,
+    staged: StagedModel,
+    windows: torch.Tensor,
+    run: Run,
+    record: dict,
+    gradients: GradientNorms | None,
+) -> None:
     started = time.perf_counter()
     state = WriterState(**run.body["writer"]) if "writer" in run.body else None
     writer = ShardWriter(settings.out, output_specs(staged), settings.max_shard_bytes, state)
@@ -158,7 +186,12 @@ def _compress(settings: CompressSettings, staged: StagedModel, windows: torch.Te
 
         def process(context: BlockContext) -> dict[str, Any]:
             clock = time.perf_counter()
-            layers = compress_block(context, settings.method, groups, lambda name: settings.target)
+            precomputed = (
+                {name: {"gradient_norms": norms} for name, norms in gradients.for_block(context).items()}
+                if gradients is not None
+                else {}
+            )
+            layers = compress_block(context, settings.method, groups, lambda name: settings.target, precomputed)
             context.timing["compress"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for name, tensor in staged.block_state(context.index).items():

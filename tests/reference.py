@@ -21,8 +21,15 @@ class _Stop(Exception):
 
 
 def compress_in_memory(
-    model_dir: Path, method: Method, target: Target, windows: torch.Tensor, true_sequential: bool = False
+    model_dir: Path,
+    method: Method,
+    target: Target,
+    windows: torch.Tensor,
+    true_sequential: bool = False,
+    precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it."""
+    precomputed = precomputed or {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     adapter = adapter_for(model.config.to_dict())
     blocks = model.get_submodule(adapter.blocks)
@@ -49,10 +56,13 @@ def compress_in_memory(
 
     groups = list(adapter.sequential_groups) if true_sequential else [adapter.linear_names]
     with torch.no_grad():
-        for block in blocks:
+        for index, block in enumerate(blocks):
             linears = {name: block.get_submodule(name) for name in adapter.linear_names}
             for group in groups:
-                stats = {name: method.statistic(linears[name]) for name in group}
+                stats = {
+                    name: method.statistic(linears[name], **precomputed.get(f"{adapter.blocks}.{index}.{name}", {}))
+                    for name in group
+                }
                 hooks = [
                     linears[name].register_forward_pre_hook(lambda _, a, s=s: s.update(a[0]))
                     for name, s in stats.items()
