@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from methods import METHODS, Target
-from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
 from streamer.errors import LayerpressError
 
 DESCRIPTION = """\
@@ -176,6 +176,10 @@ def stream_options(args: argparse.Namespace):
     return StreamOptions(device=args.device, micro_batch=args.micro_batch, offload_dir=args.offload_activations)
 
 
+def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
+    return CalibrationOptions(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+
+
 def run_compress(args: argparse.Namespace) -> None:
     from streamer.scheduler import CompressSettings, compress
 
@@ -188,10 +192,7 @@ def run_compress(args: argparse.Namespace) -> None:
         out=args.out,
         method=method,
         target=make_target(args),
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
+        calibration=calibration_options(args),
         dtype=DTYPES[args.dtype] if args.dtype else None,
         true_sequential=args.true_sequential,
         max_shard_bytes=args.max_shard_size,
@@ -208,10 +209,7 @@ def run_gradients(args: argparse.Namespace) -> None:
     compute_gradients(GradientSettings(
         model=args.model,
         out=args.out,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
+        calibration=calibration_options(args),
         dtype=DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         micro_batch=args.micro_batch,

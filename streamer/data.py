@@ -103,11 +103,19 @@ class Calibration:
     fingerprint: str
 
 
-def load_calibration(
-    model_dir: Path, config: dict, source: str | Path, nsamples: int, seqlen: int, seed: int
-) -> Calibration:
-    """The calibration windows of --calib/--nsamples/--seqlen/--seed, as every calibrated command draws them."""
-    seqlen = capped_seqlen(seqlen, config)
-    windows = calibration_windows(tokenize(load_tokenizer(model_dir), load_text(source)), nsamples, seqlen, seed)
-    record = {"source": describe_source(source), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    return Calibration(windows, record, windows_fingerprint(windows))
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """--calib, --nsamples, --seqlen, --seed: which windows every calibrated command draws, and how."""
+
+    source: str | Path = DEFAULT_CALIBRATION
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def load(self, model_dir: Path, config: dict) -> Calibration:
+        """The windows for the model in `model_dir` (seqlen capped at its positions), with record and fingerprint."""
+        seqlen = capped_seqlen(self.seqlen, config)
+        ids = tokenize(load_tokenizer(model_dir), load_text(self.source))
+        windows = calibration_windows(ids, self.nsamples, seqlen, self.seed)
+        record = {"source": describe_source(self.source), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed}
+        return Calibration(windows, record, windows_fingerprint(windows))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .activations import ActivationBuffer, micro_batches
 from .checkpoint import Checkpoint
-from .data import Calibration, load_calibration
+from .data import Calibration, CalibrationOptions
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run, describe_differences, read_journal
@@ -50,10 +50,7 @@ COMMAND = "gradients"
 class GradientSettings:
     model: Path
     out: Path
-    calib: str
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     dtype: torch.dtype | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     micro_batch: int = 1
@@ -258,9 +255,7 @@ def compute_gradients(settings: GradientSettings) -> Path:
         raise LayerpressError("the gradients directory must differ from the model directory")
     checkpoint = Checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.device, settings.dtype)
-    calibration = load_calibration(
-        settings.model, checkpoint.config, settings.calib, settings.nsamples, settings.seqlen, settings.seed
-    )
+    calibration = settings.calibration.load(settings.model, checkpoint.config)
     fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": calibration.fingerprint}
     run = Run(
         settings.out, COMMAND, settings.record(calibration.record, staged.dtype), fingerprints, staged.num_blocks,

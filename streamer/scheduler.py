@@ -24,7 +24,7 @@ from methods import Method, Target
 from methods.base import Statistic
 
 from .checkpoint import Checkpoint
-from .data import Calibration, load_calibration
+from .data import Calibration, CalibrationOptions
 from .errors import LayerpressError
 from .files import atomic_write
 from .gradients import GradientNorms
@@ -42,10 +42,7 @@ class CompressSettings:
     out: Path
     method: Method
     target: Target
-    calib: str
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     dtype: torch.dtype | None = None
     true_sequential: bool = False
     max_shard_bytes: int = 5 * 10**9
@@ -129,9 +126,7 @@ def compress(settings: CompressSettings) -> Path:
         raise LayerpressError("the output directory must differ from the model directory")
     checkpoint = Checkpoint(settings.model)
     staged = StagedModel(checkpoint, settings.stream.device, settings.dtype)
-    calibration = load_calibration(
-        settings.model, checkpoint.config, settings.calib, settings.nsamples, settings.seqlen, settings.seed
-    )
+    calibration = settings.calibration.load(settings.model, checkpoint.config)
     record = settings.record(calibration.record, staged.dtype)
     fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": calibration.fingerprint}
     gradients = gradient_norms(settings, checkpoint, calibration)
