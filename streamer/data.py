@@ -117,5 +117,7 @@ class CalibrationOptions:
         seqlen = capped_seqlen(self.seqlen, config)
         ids = tokenize(load_tokenizer(model_dir), load_text(self.source))
         windows = calibration_windows(ids, self.nsamples, seqlen, self.seed)
-        record = {"source": describe_source(self.source), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed}
+        record = {
+            "source": describe_source(self.source), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed
+        }
         return Calibration(windows, record, windows_fingerprint(windows))

@@ -282,7 +282,9 @@ class GradientNorms:
         if body["state"] != "complete":
             raise LayerpressError(f"the gradient pass in {directory} is not finished: run it again to resume it")
         if body["fingerprints"]["checkpoint"] != checkpoint.fingerprint():
-            raise LayerpressError(f"the gradients in {directory} were computed for another model than {checkpoint.directory}")
+            raise LayerpressError(
+                f"the gradients in {directory} were computed for another model than {checkpoint.directory}"
+            )
         differences = describe_differences(body["settings"]["calibration"], calibration.record, "calibration ")
         if differences or body["fingerprints"]["calibration"] != calibration.fingerprint:
             raise LayerpressError(

@@ -143,7 +143,9 @@ def compress(settings: CompressSettings) -> Path:
     return settings.out
 
 
-def gradient_norms(settings: CompressSettings, checkpoint: Checkpoint, calibration: Calibration) -> GradientNorms | None:
+def gradient_norms(
+    settings: CompressSettings, checkpoint: Checkpoint, calibration: Calibration
+) -> GradientNorms | None:
     """The gradient norms of --gradients when the method takes them, checked against this model and calibration."""
     method = settings.method
     unknown = set(method.precomputed) - {"gradient_norms"}

@@ -101,6 +101,11 @@ def test_streamed_gradients_equal_whole_model_backward(tiny_checkpoints, gradien
     assert leftovers == {"journal.json", "lock"}, "activation and gradient buffers must be removed when done"
 
 
+def test_status_tells_both_walks(gradient_dirs, capsys):
+    assert main.main(["status", str(gradient_dirs["llama"])]) == 0
+    assert "gradients complete, forward 3 of 3 blocks, backward 3 of 3" in capsys.readouterr().out
+
+
 def test_micro_batches_keep_windows_apart(tiny_checkpoints, gradient_dirs, calib, tmp_path):
     """OPT flattens windows with tokens in its MLP: per-window gradients must still be per window."""
     assert run_gradients(tiny_checkpoints["opt"], tmp_path / "grad", calib, "--micro-batch", "1") == 0
@@ -191,7 +196,9 @@ def test_killed_gradient_pass_resumes_to_the_same_gradients(
         assert (killed / name).read_bytes() == (gradient_dirs["opt"] / name).read_bytes(), name
 
 
-def test_gradients_of_another_model_or_other_windows_are_refused(tiny_checkpoints, gradient_dirs, tmp_path, calib, capsys):
+def test_gradients_of_another_model_or_other_windows_are_refused(
+    tiny_checkpoints, gradient_dirs, tmp_path, calib, capsys
+):
     llama, out = gradient_dirs["llama"], tmp_path / "out"
     assert run_gblm(tiny_checkpoints["opt"], out, calib, llama) == 1
     assert "computed for another model" in capsys.readouterr().err
@@ -203,7 +210,9 @@ def test_gradients_of_another_model_or_other_windows_are_refused(tiny_checkpoint
     assert not out.exists(), "a refused run must write nothing"
 
 
-def test_damaged_or_unfinished_gradients_are_refused(tiny_checkpoints, gradient_dirs, tmp_path, calib, capsys, monkeypatch):
+def test_damaged_or_unfinished_gradients_are_refused(
+    tiny_checkpoints, gradient_dirs, tmp_path, calib, capsys, monkeypatch
+):
     copy = tmp_path / "copy"
     shutil.copytree(gradient_dirs["bloom"], copy)
     damaged = copy / "gradients-00001.safetensors"
