@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -44,6 +44,7 @@ from .stream import BlockContext, StreamOptions, stream_blocks
 log = logging.getLogger("layerpress")
 
 COMMAND = "gradients"
+HEAD_POSITIONS = 64
 
 
 @dataclass
@@ -104,11 +105,23 @@ class SquaredGradients:
         self._hook.remove()
 
 
-def token_loss_sum(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """Σ over windows and tokens of the next-token NLL (each window predicts its tokens 2..seqlen)."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="sum"
-    )
+def head_loss(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, windows: torch.Tensor) -> float:
+    """Σ over windows and tokens of the next-token NLL, backpropagated into `hidden.grad`; returns the sum.
+
+    The head runs on HEAD_POSITIONS positions at a time (its modules act on each position alone), so the logits of
+    a window (seqlen × vocabulary floats, and as much again for their gradient) never exist whole.
+    """
+    total = 0.0
+    for start in range(0, windows.shape[1] - 1, HEAD_POSITIONS):
+        stop = min(start + HEAD_POSITIONS, windows.shape[1] - 1)
+        with torch.enable_grad():
+            logits = logits_of(hidden[:, start:stop]).float()
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), windows[:, start + 1 : stop + 1].reshape(-1), reduction="sum"
+            )
+            loss.backward()
+        total += loss.item()
+    return total
 
 
 class GradientPass:
@@ -180,11 +193,8 @@ class GradientPass:
         with self.staged.final_stage() as logits_of:
             for batch in self.batches:
                 inputs = hidden.data[batch].to(self.device).requires_grad_()
-                with torch.enable_grad():
-                    batch_loss = token_loss_sum(logits_of(inputs), self.windows[batch].to(self.device))
-                    batch_loss.backward()
+                loss += head_loss(logits_of, inputs, self.windows[batch].to(self.device))
                 gradient.data[batch] = inputs.grad.float().cpu()
-                loss += batch_loss.item()
         gradient.flush()
         mean_loss = loss / self.windows[:, 1:].numel()
         log.info("calibration loss %.4f (perplexity %.2f)", mean_loss, math.exp(mean_loss))

@@ -19,14 +19,15 @@ from transformers import AutoModelForCausalLM
 import main
 from methods import METHODS, Target
 from methods.gblm import GBLM
+from streamer import gradients
 from streamer.adapters import adapter_for
-from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
+from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, load_tokenizer, tokenize
 from streamer.model import StagedModel
-from streamer.data import DEFAULT_CALIBRATION
 from tests.conftest import FAMILIES
 from tests.reference import compress_in_memory
 
 NSAMPLES, SEQLEN, MICRO_BATCH = 4, 32, "3"  # micro-batches of 3 and 1 windows: extras of two sizes
+HEAD_POSITIONS = 10  # the head's chunks of a window's 31 predicting positions: 10, 10, 10, 1
 
 
 def calibration_args(calib, nsamples: int = NSAMPLES) -> list[str]:
@@ -82,10 +83,15 @@ def calib(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gradient_dirs(tiny_checkpoints, tmp_path_factory, calib) -> dict[str, Path]:
-    """One finished gradient pass per family, made once for this module; tests must not modify them."""
+    """One finished gradient pass per family, made once for this module; tests must not modify them.
+
+    The head runs on HEAD_POSITIONS positions at a time, so that a window's positions come in uneven chunks.
+    """
     dirs = {family: tmp_path_factory.mktemp(f"gradients-{family}") / "grad" for family in FAMILIES}
-    for family, directory in dirs.items():
-        assert run_gradients(tiny_checkpoints[family], directory, calib, "--micro-batch", MICRO_BATCH) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gradients, "HEAD_POSITIONS", HEAD_POSITIONS)
+        for family, directory in dirs.items():
+            assert run_gradients(tiny_checkpoints[family], directory, calib, "--micro-batch", MICRO_BATCH) == 0
     return dirs
 
 
@@ -184,6 +190,7 @@ def test_killed_gradient_pass_resumes_to_the_same_gradients(
         return load_block(self, index)
 
     monkeypatch.setattr(StagedModel, "load_block", killed_at_load)
+    monkeypatch.setattr(gradients, "HEAD_POSITIONS", HEAD_POSITIONS)  # as the clean run's
     killed = tmp_path / "grad"
     assert run_gradients(tiny_checkpoints["opt"], killed, calib, "--micro-batch", MICRO_BATCH) == 130
     loads.clear()
