@@ -15,7 +15,7 @@ import torch
 from methods import METHODS, QuantSpec, StructuredMethod, Target
 from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
-from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
 from streamer.errors import LayerpressError
 from streamer.formats import FORMATS
 
@@ -38,6 +38,8 @@ examples:
   python main.py compress --model IN --out OUT --sparsity 0.7 --allocation score --scores SCORES
   python main.py compress --model IN --out OUT --method wanda --sparsity 0.6 --reconstruct biases,norms,masklora
   python main.py compress --model IN --out OUT --method flap --ratio 0.2 --structure AL-AM --metric WIFV
+  python main.py gradients --model IN --out GRAD
+  python main.py compress --model IN --out OUT --method gblm --gradients GRAD --alpha 100
   python main.py eval --model OUT --windows 32 --seqlen 512
   python main.py status OUT
 """
@@ -74,7 +76,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.device] = parse_device,
-               planned: bool = False) -> None:
+               planned: bool = False, offload: bool = True) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--seqlen", type=int, default=2048,
@@ -86,10 +88,11 @@ def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.de
     parser.add_argument("--micro-batch", type=int, default=None if planned else 1,
                         help="windows per block forward (default: " + ("the largest the memory plan fits)"
                                                                        if planned else "1)"))
-    parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
-                        help="keep the activations in memory-mapped files in DIR instead of RAM" + (
-                            " (default: on the device or in RAM when they fit, else in OUT/.layerpress/activations)"
-                            if planned else ""))
+    if offload:
+        parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
+                            help="keep the activations in memory-mapped files in DIR instead of RAM" + (
+                                " (default: on the device or in RAM when they fit, else in OUT/.layerpress/activations)"
+                                if planned else ""))
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="read each block only when it is needed, instead of during the previous block "
                         "(saves one block of host RAM)")
@@ -149,6 +152,7 @@ def add_output(parser: argparse.ArgumentParser, max_shard_default: str | None = 
 
 
 def add_calibration(parser: argparse.ArgumentParser) -> None:
+    """The calibration options, shared by every command that draws calibration windows."""
     parser.add_argument("--calib", default=str(DEFAULT_CALIBRATION),
                         help="calibration text: a file, a saved datasets directory, or a datasets spec "
                         "NAME[:CONFIG[:SPLIT]] (default: the bundled WikiText-2 valid text)")
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                           + " (default: dense)")
     add_planning(compress)
     add_allocation(compress)
+    compress.add_argument("--gradients", type=Path, default=None, metavar="GRAD_DIR",
+                          help="gblm: gradient norms written by `main.py gradients` with the same model and "
+                          "calibration options")
 
     plan = commands.add_parser(
         "plan", help="will a compress run fit, with which settings, and how long will it take",
@@ -247,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         "so that its outputs match the dense block's, then merge it into the weights (PERP, Zimmer et al. 2023).",
     ))
 
+    gradients = commands.add_parser(
+        "gradients", help="per-weight gradient norms of the LM loss on the calibration windows (for gblm)",
+        description="Forward block by block keeping each block's inputs, the loss at the head, then backward "
+        "block by block: per weight, the l2 norm over calibration windows of the gradient of each window's mean "
+        "token loss, written as safetensors (one file per block) into --out. Activations and gradients live in "
+        "memory-mapped files in --out (about blocks x nsamples x seqlen x hidden values of disk at the peak). "
+        "Re-running the same command resumes a partial run.",
+    )
+    add_common(gradients, offload=False)
+    gradients.add_argument("--out", type=Path, required=True, help="gradients directory (new, or a partial run's)")
+    add_calibration(gradients)
+    gradients.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+
     evaluate = commands.add_parser(
         "eval", help="WikiText-2 perplexity, streamed block by block",
         description="Perplexity = exp(mean token NLL) over non-overlapping windows of the text. The last line "
@@ -267,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(decompress, max_shard_default=None)
 
     status = commands.add_parser("status", help="how far a run in an output directory got, and what is left")
-    status.add_argument("out", type=Path, help="output directory of a compress or scores run")
+    status.add_argument("out", type=Path, help="output directory of a compress, scores or gradients run")
     return parser
 
 
@@ -326,6 +346,10 @@ def budget(args: argparse.Namespace):
     return Budget.of_machine(args.device, args.device_memory, args.host_memory)
 
 
+def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
+    return CalibrationOptions(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+
+
 def run_compress(args: argparse.Namespace) -> None:
     from streamer.allocation import Allocation
     from streamer.scheduler import CompressSettings, compress
@@ -348,10 +372,7 @@ def run_compress(args: argparse.Namespace) -> None:
         out=args.out,
         method=method,
         target=Target() if isinstance(method, StructuredMethod) else make_target(args),
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
+        calibration=calibration_options(args),
         dtype=DTYPES[args.dtype] if args.dtype else None,
         true_sequential=args.true_sequential,
         max_shard_bytes=args.max_shard_size,
@@ -366,6 +387,7 @@ def run_compress(args: argparse.Namespace) -> None:
             levels=args.levels, estimate=args.score_estimate, owl_lambda=args.owl_lambda,
         ),
         reconstruction=reconstruction,
+        gradients=args.gradients,
     )
     compress(settings)
 
@@ -416,11 +438,24 @@ def run_scores(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
     settings = ScoreSettings(
-        model=args.model, out=args.out, scorer=scorer, calib=args.calib, inputs=args.inputs, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else None, restart=args.restart,
-        stream=stream_options(args),
+        model=args.model, out=args.out, scorer=scorer, calibration=calibration_options(args), inputs=args.inputs,
+        dtype=DTYPES[args.dtype] if args.dtype else None, restart=args.restart, stream=stream_options(args),
     )
     print(score(settings))
+
+
+def run_gradients(args: argparse.Namespace) -> None:
+    from streamer.gradients import GradientSettings, compute_gradients
+
+    compute_gradients(GradientSettings(
+        model=args.model,
+        out=args.out,
+        calibration=calibration_options(args),
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=args.device,
+        micro_batch=args.micro_batch,
+        restart=args.restart,
+    ))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -450,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_counts(args)
         commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "scores": run_scores,
-                    "eval": run_eval, "status": run_status}
+                    "gradients": run_gradients, "eval": run_eval, "status": run_status}
         commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)

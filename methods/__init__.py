@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import LayerResult, Method, MethodOptions, Statistic, StructuredMethod, Target
 from .flap import Flap
+from .gblm import GBLM
 from .gptq import GPTQ
 from .magnitude import Magnitude
 from .quant import QuantRecord, QuantSpec
@@ -12,7 +13,7 @@ from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 METHODS: dict[str, type[MethodOptions]] = {
-    method.name: method for method in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, Flap)
+    method.name: method for method in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, GBLM, Flap)
 }
 
 __all__ = [

@@ -5,6 +5,7 @@ A method is made from its settings and knows nothing of files, devices or schedu
 `Method` (unstructured and N:M sparsity) works layer by layer. For each linear layer of the block being compressed,
 the scheduler:
 1. asks `statistic(layer)` for an accumulator of what the method needs from the layer's inputs (None: nothing);
+   a method that declares `precomputed` tensors (made by an earlier pass, e.g. gradient norms) gets them here too;
 2. feeds it every calibration micro-batch's inputs to that layer (`Statistic.update`);
 3. calls `compress(layer, statistic, target)` and writes the returned weight back into the layer.
 A target asks for pruning (sparsity or N:M), quantization (a `QuantSpec`), or both; `check(target)` refuses, before
@@ -103,6 +104,10 @@ class MethodOptions(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    #: Per-weight tensors from an earlier pass over the model that `statistic` takes as keyword arguments, each the
+    #: shape of the layer's weight, on its device: "gradient_norms" is ‖∂loss/∂W_ij‖₂ over the calibration windows
+    #: (`main.py gradients`). The scheduler finds them for each layer; most methods need none.
+    precomputed: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -137,8 +142,11 @@ class Method(MethodOptions):
         values by it before any layer is compressed); None when the method cannot say."""
         return None
 
-    def statistic(self, layer: nn.Linear) -> Statistic | None:
-        """An accumulator for this layer's inputs, or None when the method needs no calibration data."""
+    def statistic(self, layer: nn.Linear, **precomputed: torch.Tensor) -> Statistic | None:
+        """An accumulator for this layer's inputs, or None when the method needs no calibration data.
+
+        `precomputed`: the tensors named by the class's `precomputed`, for this layer.
+        """
         return None
 
     @abstractmethod

@@ -20,6 +20,11 @@ from .files import guard_disk
 CHUNK = 64 * 2**20  # bytes per host staging copy when saving or loading a buffer
 
 
+def micro_batches(windows: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` windows covering all `windows`."""
+    return [slice(start, min(start + size, windows)) for start in range(0, windows, size)]
+
+
 class ActivationBuffer:
     """A (windows, seqlen, hidden) tensor on a device, in RAM, or backed by a file."""
 
@@ -110,7 +115,7 @@ class Activations:
         self.windows = windows
 
     def batches(self) -> list[slice]:
-        return [slice(s, min(s + self.micro_batch, self.windows)) for s in range(0, self.windows, self.micro_batch)]
+        return micro_batches(self.windows, self.micro_batch)
 
     def batch_sizes(self) -> set[int]:
         return {batch.stop - batch.start for batch in self.batches()}

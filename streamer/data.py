@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -90,3 +92,32 @@ def capped_seqlen(requested: int, config: dict) -> int:
     """The window length, capped at the model's maximum positions where it has one."""
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     return min(requested, int(limit)) if limit else requested
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A run's calibration windows, how records name them, and their fingerprint (both go into the journal)."""
+
+    windows: torch.Tensor
+    record: dict[str, Any]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """--calib, --nsamples, --seqlen, --seed: which windows every calibrated command draws, and how."""
+
+    source: str | Path = DEFAULT_CALIBRATION
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def load(self, model_dir: Path, config: dict) -> Calibration:
+        """The windows for the model in `model_dir` (seqlen capped at its positions), with record and fingerprint."""
+        seqlen = capped_seqlen(self.seqlen, config)
+        ids = tokenize(load_tokenizer(model_dir), load_text(self.source))
+        windows = calibration_windows(ids, self.nsamples, seqlen, self.seed)
+        record = {
+            "source": describe_source(self.source), "nsamples": self.nsamples, "seqlen": seqlen, "seed": self.seed
+        }
+        return Calibration(windows, record, windows_fingerprint(windows))

@@ -189,17 +189,25 @@ class Run:
         stale = self.inputs_file
         self.body["blocks_done"] = index + 1
         self.body["inputs"] = str(inputs_file) if inputs_file else None
+        self.record(record, {"block": index, **timing})
+        if stale is not None and stale != inputs_file and stale.parent == self.work:
+            stale.unlink(missing_ok=True)
+
+    def record(self, record: dict[str, Any], timing: dict | None = None) -> None:
+        """Keep `record` (dicts are merged into the journal's, other values replace) and `timing`; save.
+
+        For progress other than the forward walk over the blocks (e.g. the gradient pass's backward walk).
+        """
         for key, value in record.items():
             if isinstance(value, dict) and isinstance(self.body.get(key), dict):
                 self.body[key].update(value)
             else:
                 self.body[key] = value
-        self.body["timings"].append({"block": index, **timing})
-        failpoint("before-journal")  # the block is durable but not yet recorded
+        if timing is not None:
+            self.body["timings"].append(timing)
+        failpoint("before-journal")  # the work is durable but not yet recorded
         self.save()
-        failpoint("after-journal")  # recorded, the next block not yet started
-        if stale is not None and stale != inputs_file and stale.parent == self.work:
-            stale.unlink(missing_ok=True)
+        failpoint("after-journal")  # recorded, the next step not yet started
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.body.update(state="complete", inputs=None, summary=summary)

@@ -21,10 +21,9 @@ With prefetch, every block phase also holds one block read ahead and one block b
 
 from __future__ import annotations
 
-import math
-
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from methods import Method, Target
-from methods.base import LayerCost
+from methods.base import LayerCost, Statistic
 
 from .errors import LayerpressError
 from .model import StagedModel
@@ -242,17 +241,24 @@ class Planner:
         method, dtype = self.workload.method, self.shapes.dtype
         if method is None:
             return LayerNeeds(linear, 0, LayerCost(working_bytes=0))
-        statistic = method.statistic(nn.Linear(linear.columns, linear.rows, bias=False, device="meta", dtype=dtype))
+        statistic = self._meta_statistic(linear, dtype)
         cost = method.layer_cost(linear.rows, linear.columns, dtype, self.workload.target)
         size = statistic.nbytes if statistic is not None else 0
         return LayerNeeds(linear, size, cost)
+
+    def _meta_statistic(self, linear: LinearShape, dtype: torch.dtype | None) -> Statistic | None:
+        """The method's statistic for a layer of this shape on the meta device (sizes only), given any per-weight
+        tensors it takes from an earlier pass."""
+        precomputed = {name: torch.empty(linear.rows, linear.columns, device="meta")
+                       for name in self.workload.method.precomputed}
+        layer = nn.Linear(linear.columns, linear.rows, bias=False, device="meta", dtype=dtype)
+        return self.workload.method.statistic(layer, **precomputed)
 
     def _statistic_dtype(self) -> torch.dtype | None:
         method = self.workload.method
         if method is None:
             return None
-        first = self.shapes.linears[0]
-        statistic = method.statistic(nn.Linear(first.columns, first.rows, bias=False, device="meta"))
+        statistic = self._meta_statistic(self.shapes.linears[0], None)
         tensors = [v for v in vars(statistic).values() if isinstance(v, torch.Tensor)] if statistic else []
         return tensors[0].dtype if tensors else None
 

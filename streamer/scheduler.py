@@ -42,21 +42,15 @@ from methods import LayerResult, Method, StructuredMethod, Target
 from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
-from .decompress import open_checkpoint
 from .activations import Activations
-from .data import (
-    calibration_windows,
-    capped_seqlen,
-    describe_source,
-    load_text,
-    load_tokenizer,
-    tokenize,
-    windows_fingerprint,
-)
 from .allocation import Allocation
+from .checkpoint import Checkpoint
+from .data import Calibration, CalibrationOptions
+from .decompress import open_checkpoint
 from .errors import LayerpressError
 from .files import atomic_write
 from .formats import FORMATS, Format, LayerPlan, compressed_tensors_config
+from .gradients import GradientNorms
 from .journal import WORK_DIR, Run, read_journal
 from .model import StagedModel
 from . import structured
@@ -74,10 +68,7 @@ class CompressSettings:
     out: Path
     method: Method | StructuredMethod
     target: Target
-    calib: str
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     dtype: torch.dtype | None = None
     true_sequential: bool = False
     max_shard_bytes: int = 5 * 10**9
@@ -88,13 +79,14 @@ class CompressSettings:
     budget: Budget | None = None  # memory the plan may use; None: the machine's totals
     format: str = "dense"
     allocation: Allocation = field(default_factory=Allocation)
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
+    gradients: Path | None = None  # a `main.py gradients` directory, for methods that use gradient norms
 
     def __post_init__(self) -> None:
         if self.target.pattern is not None and self.allocation.kind != "uniform":
             raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
-    reconstruction: Reconstruction = field(default_factory=Reconstruction)
 
-    def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the output: kept in the journal (resume must match) and in config.json."""
         return {
             "method": self.method.name,
@@ -103,7 +95,7 @@ class CompressSettings:
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
             "quantization": asdict(self.target.quant) if self.target.quant else None,
             "format": self.format,
-            "calibration": calibration_record(self.calib, self.nsamples, seqlen, self.seed),
+            "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "true_sequential": self.true_sequential,
@@ -115,17 +107,17 @@ class CompressSettings:
         }
 
 
-def calibration_record(calib: str, nsamples: int, seqlen: int, seed: int) -> dict[str, Any]:
-    return {"source": describe_source(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-
-
 @dataclass
 class Calibrated:
-    """A checkpoint opened for a calibrated streaming pass: its staged model and the calibration windows."""
+    """A checkpoint opened for a calibrated streaming pass: its staged model, calibration windows and fingerprints."""
 
     staged: StagedModel
-    windows: torch.Tensor
+    calibration: Calibration
     fingerprints: dict[str, str]
+
+    @property
+    def windows(self) -> torch.Tensor:
+        return self.calibration.windows
 
     @property
     def seqlen(self) -> int:
@@ -133,17 +125,15 @@ class Calibrated:
 
 
 def open_calibrated(
-    model: Path, calib: str, nsamples: int, seqlen: int, seed: int, device: torch.device, dtype: torch.dtype | None,
+    model: Path, calibration: CalibrationOptions, device: torch.device, dtype: torch.dtype | None,
     add_biases: bool = False,
 ) -> Calibrated:
     """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped).
     add_biases: give the blocks' linear layers biases (see StagedModel)."""
     checkpoint = open_checkpoint(model)
     staged = StagedModel(checkpoint, device, dtype, add_biases=add_biases)
-    windows = calibration_windows(
-        tokenize(load_tokenizer(model), load_text(calib)), nsamples, capped_seqlen(seqlen, checkpoint.config), seed
-    )
-    return Calibrated(staged, windows, {"checkpoint": checkpoint.fingerprint(), "calibration": windows_fingerprint(windows)})
+    loaded = calibration.load(model, checkpoint.config)
+    return Calibrated(staged, loaded, {"checkpoint": checkpoint.fingerprint(), "calibration": loaded.fingerprint})
 
 
 def remove_offloaded_activations(options: StreamOptions) -> None:
@@ -160,6 +150,7 @@ def compress_block(
     target_for: Callable[[str], Target],
     per_layer_statistics: bool = False,
     keep_dense_outputs: bool = False,
+    precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, LayerResult]:
     """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
     is the layer's own (installed, not a copy).
@@ -169,8 +160,10 @@ def compress_block(
     result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
     keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
     anything is compressed, runs whole and stores them; a method that observes nothing gets one forward for them).
+    precomputed: by layer name, the tensors the method's `statistic` takes besides the layer (see Method.precomputed).
     """
     linears = context.linears
+    precomputed = precomputed or {}
     results = {}
     dense_outputs_pending = keep_dense_outputs
 
@@ -195,13 +188,13 @@ def compress_block(
     for group in groups:
         if per_layer_statistics:
             for name in reversed(group):
-                statistic = method.statistic(linears[name])
+                statistic = method.statistic(linears[name], **precomputed.get(name, {}))
                 if statistic is not None:
                     observe_inputs({name: statistic})
                 compress_layer(name, statistic)
                 del statistic
         else:
-            statistics = {name: method.statistic(linears[name]) for name in group}
+            statistics = {name: method.statistic(linears[name], **precomputed.get(name, {})) for name in group}
             if any(stat is not None for stat in statistics.values()):
                 observe_inputs({name: stat for name, stat in statistics.items() if stat is not None})
             for name in group:  # each statistic is dropped as soon as its layer is done
@@ -337,13 +330,13 @@ def compress(settings: CompressSettings) -> Path:
     if settings.out.resolve() == settings.model.resolve():
         raise LayerpressError("the output directory must differ from the model directory")
     calibrated = open_calibrated(
-        settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
-        settings.dtype, add_biases="biases" in settings.reconstruction.subsets,
+        settings.model, settings.calibration, settings.stream.device, settings.dtype,
+        add_biases="biases" in settings.reconstruction.subsets,
     )
     staged, windows = calibrated.staged, calibrated.windows
     if isinstance(settings.method, StructuredMethod):
         check_structured(settings)
-        record = settings.record(calibrated.seqlen, staged.dtype)
+        record = settings.record(calibrated.calibration.record, staged.dtype)
 
         def work(run: Run) -> None:
             _compress_structured(settings, staged, windows, run, record)
@@ -354,7 +347,7 @@ def compress(settings: CompressSettings) -> Path:
             raise LayerpressError(str(exc)) from exc
         check_reconstruction(settings, staged)
         plan = apply_plan(settings, staged, calibrated.seqlen)
-        record = settings.record(calibrated.seqlen, staged.dtype)
+        record = settings.record(calibrated.calibration.record, staged.dtype)
         layer_targets = None
         if settings.allocation.kind != "uniform":
             layer_targets = settings.allocation.layer_sparsities(staged.linear_layers(), settings.target.sparsity)
@@ -369,8 +362,12 @@ def compress(settings: CompressSettings) -> Path:
         plans = layer_plans(staged, settings.method, target_for)
         check_plans(fmt, plans)
 
+        gradients = gradient_norms(settings, staged.checkpoint, calibrated.calibration)
+        if gradients is not None:
+            calibrated.fingerprints["gradients"] = gradients.fingerprint
+
         def work(run: Run) -> None:
-            _compress(settings, staged, windows, run, record, plan, fmt, plans, target_for)
+            _compress(settings, staged, windows, run, record, plan, fmt, plans, target_for, gradients)
 
     run = Run(settings.out, "compress", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
     try:
@@ -381,6 +378,26 @@ def compress(settings: CompressSettings) -> Path:
     finally:
         run.close()
     return settings.out
+
+
+def gradient_norms(
+    settings: CompressSettings, checkpoint: Checkpoint, calibration: Calibration
+) -> GradientNorms | None:
+    """The gradient norms of --gradients when the method takes them, checked against this model and calibration."""
+    method = settings.method
+    unknown = set(method.precomputed) - {"gradient_norms"}
+    if unknown:
+        raise LayerpressError(f"{method.name} needs precomputed {sorted(unknown)}, which no layerpress pass makes")
+    if "gradient_norms" not in method.precomputed:
+        if settings.gradients is not None:
+            raise LayerpressError(f"--gradients is for methods that use gradient norms (gblm), not {method.name}")
+        return None
+    if settings.gradients is None:
+        raise LayerpressError(
+            f"{method.name} needs gradient norms: make them with `main.py gradients --model IN --out GRAD_DIR` "
+            "(same calibration options) and pass --gradients GRAD_DIR"
+        )
+    return GradientNorms(settings.gradients, checkpoint, calibration)
 
 
 def check_structured(settings: CompressSettings) -> None:
@@ -422,7 +439,7 @@ def apply_plan(settings: CompressSettings, staged: StagedModel, seqlen: int) -> 
     """
     planner = Planner(
         ModelShapes.of(staged, settings.true_sequential),
-        Workload(settings.method, settings.target, settings.nsamples, seqlen),
+        Workload(settings.method, settings.target, settings.calibration.nsamples, seqlen),
         settings.stream.device.type,
         settings.budget or Budget.of_machine(settings.stream.device),
         prefetch=settings.stream.prefetch,
@@ -494,7 +511,7 @@ def _finish(settings: CompressSettings, staged: StagedModel, run: Run, writer: S
 
 def _compress(
     settings: CompressSettings, staged: StagedModel, windows: torch.Tensor, run: Run, record: dict, plan: Plan,
-    fmt: Format, plans: dict[str, LayerPlan], target_for: Callable[[str], Target],
+    fmt: Format, plans: dict[str, LayerPlan], target_for: Callable[[str], Target], gradients: GradientNorms | None,
 ) -> None:
     started = time.perf_counter()
     groups = list(staged.adapter.sequential_groups) if settings.true_sequential else [staged.adapter.linear_names]
@@ -507,12 +524,17 @@ def _compress(
         def process(context: BlockContext) -> dict[str, Any]:
             """Compress the block, then write it on the writer thread while the loop propagates through it."""
             journal: dict[str, Any] = {}
+            precomputed = (
+                {name: {"gradient_norms": norms} for name, norms in gradients.for_block(context).items()}
+                if gradients is not None
+                else {}
+            )
             results = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
                 context, settings.method, groups, target_for, plan.choice.per_layer_statistics,
-                keep_dense_outputs=reconstruction.enabled,
+                keep_dense_outputs=reconstruction.enabled, precomputed=precomputed,
             )
             if reconstruction.enabled:
-                report = reconstruct_block(context, reconstruction, settings.seed)
+                report = reconstruct_block(context, reconstruction, settings.calibration.seed)
                 journal["reconstruction"] = {str(context.index): asdict(report)}
             with context.phase("encode"):
                 tensors = encoded_block_state(staged, context.index, fmt, plans, results)

@@ -30,11 +30,12 @@ import torch
 from methods.scores import Scorer
 
 from .allocation import SCORES_FILE
+from .data import CalibrationOptions
 from .errors import LayerpressError
 from .files import atomic_write
 from .journal import Run
-from .scheduler import calibration_record, observe, open_calibrated, remove_offloaded_activations
-from .stream import BlockContext, StreamOptions, stream_blocks
+from .scheduler import open_calibrated, remove_offloaded_activations
+from .stream import BlockContext, StreamOptions, observe, stream_blocks
 
 log = logging.getLogger("layerpress")
 
@@ -46,11 +47,8 @@ class ScoreSettings:
     model: Path
     out: Path
     scorer: Scorer
-    calib: str
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     inputs: str = "dense"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
     dtype: torch.dtype | None = None
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)
@@ -61,14 +59,14 @@ class ScoreSettings:
         if self.inputs == "pruned" and len(self.scorer.sparsities) != 1:
             raise LayerpressError("--inputs pruned prunes at the probe sparsity: give exactly one --sparsity")
 
-    def record(self, seqlen: int, dtype: torch.dtype) -> dict[str, Any]:
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
         return {
             "sparsities": list(self.scorer.sparsities),
             "inputs": self.inputs,
             "scorer": {"damping": self.scorer.damping, "blocksize": self.scorer.blocksize,
                        "outlier_threshold": self.scorer.outlier_threshold},
-            "calibration": calibration_record(self.calib, self.nsamples, seqlen, self.seed),
+            "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
             "micro_batch": self.stream.micro_batch,
@@ -77,12 +75,9 @@ class ScoreSettings:
 
 def score(settings: ScoreSettings) -> Path:
     """Score every linear layer of a checkpoint into `settings.out`/scores.json; resumes a partial run."""
-    calibrated = open_calibrated(
-        settings.model, settings.calib, settings.nsamples, settings.seqlen, settings.seed, settings.stream.device,
-        settings.dtype,
-    )
+    calibrated = open_calibrated(settings.model, settings.calibration, settings.stream.device, settings.dtype)
     staged = calibrated.staged
-    record = settings.record(calibrated.seqlen, staged.dtype)
+    record = settings.record(calibrated.calibration.record, staged.dtype)
     run = Run(settings.out, "scores", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
     try:
         if run.complete:

@@ -26,6 +26,10 @@ def describe(out: Path) -> str:
     if body is None:
         raise LayerpressError(f"{out} holds no layerpress run (no .layerpress/journal.json)")
     lines = [f"{out}: {body['command']} {body['state']}, {body['blocks_done']} of {body['total_blocks']} blocks done"]
+    if body["command"] == "gradients":  # walks the blocks twice: forward, then backward
+        backward = body.get("backward", {}).get("blocks_done", 0)
+        lines[0] = (f"{out}: gradients {body['state']}, forward {body['blocks_done']} of {body['total_blocks']} "
+                    f"blocks, backward {backward} of {body['total_blocks']}")
     lines += _progress(body, "  ")
     for phase in sorted(path for path in (out / WORK_DIR).iterdir() if path.is_dir()):  # passes before the last
         phase_body = read_journal(phase)

@@ -80,7 +80,10 @@ def compress_in_memory(
     true_sequential: bool = False,
     reconstruction: Reconstruction | None = None,
     seed: int = 0,
+    precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it."""
+    precomputed = precomputed or {}
     reconstruction = reconstruction or Reconstruction()
     if "biases" in reconstruction.subsets:
         model = load_with_biases(model_dir).eval()
@@ -96,7 +99,10 @@ def compress_in_memory(
             dense = [forward(block, x) for x in hidden] if reconstruction.enabled else []
             linears = {name: block.get_submodule(name) for name in adapter.linear_names}
             for group in groups:
-                stats = {name: method.statistic(linears[name]) for name in group}
+                stats = {
+                    name: method.statistic(linears[name], **precomputed.get(f"{adapter.blocks}.{index}.{name}", {}))
+                    for name in group
+                }
                 if any(s is not None for s in stats.values()):
                     feed(linears, stats, lambda: [forward(block, x) for x in hidden])
                 for name in group:

@@ -1,0 +1,325 @@
+"""`gradients`: per-weight gradient norms of the language-modelling loss, by a streamed backward pass.
+
+GBLM-Pruner scores weights with ‖G_ij‖₂, the ℓ2 norm over calibration windows of each window's gradient of its
+mean token loss. Whole-model autograd would hold every block at once; this pass holds one:
+
+    forward   the shared block loop (streamer/stream.py); each block's inputs are kept in GRAD/.layerpress/
+    head      final stage: loss of every window, its gradient with respect to the last block's outputs
+    backward  for block L-1 .. 0: load it, recompute its forward from the kept inputs with autograd, one
+              micro-batch at a time; backpropagate the output gradient; accumulate every compressible linear
+              layer's squared per-window weight gradients; the input gradient is the previous block's output gradient
+    write     GRAD/gradients-0000i.safetensors per block: ‖G‖₂ per weight, float32, under the model's weight names
+
+Every phase is resumable: the forward through the shared loop's journal, the head and each backward block by a
+journal record written once the block's norms and its input gradient are durable. Activations and gradients live in
+memory-mapped files, so host RAM holds one block, one micro-batch and the accumulators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from tqdm import tqdm
+
+from .activations import ActivationBuffer, micro_batches
+from .checkpoint import Checkpoint
+from .data import Calibration, CalibrationOptions
+from .errors import LayerpressError
+from .files import atomic_write
+from .journal import Run, describe_differences, read_journal
+from .model import StagedModel
+from .stream import BlockContext, StreamOptions, stream_blocks
+
+log = logging.getLogger("layerpress")
+
+COMMAND = "gradients"
+HEAD_POSITIONS = 64
+
+
+@dataclass
+class GradientSettings:
+    model: Path
+    out: Path
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    dtype: torch.dtype | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    micro_batch: int = 1
+    restart: bool = False
+
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Everything that changes the gradients: kept in the journal, so that a resumed run must match it."""
+        return {
+            "calibration": calibration,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "micro_batch": self.micro_batch,
+        }
+
+
+def gradients_file(directory: Path, block: int) -> Path:
+    return directory / f"gradients-{block:05d}.safetensors"
+
+
+def weight_name(staged: StagedModel, block: int, linear: str) -> str:
+    """How the gradient files name a linear layer's weight: its name in the model's state dict."""
+    return f"{staged.block_prefix(block)}{linear}.weight"
+
+
+class SquaredGradients:
+    """Σ over windows of (∂ loss_w / ∂W)² for one linear layer, in float32, while hooked to it.
+
+    A window's weight gradient is Σ_t g_t x_tᵀ over its tokens (g: the gradient reaching the layer's output, x: its
+    input), so it is formed per window from what the forward hook and the output's gradient hook see; this keeps
+    windows of one micro-batch apart without a backward pass per window. `windows` must say how many windows the
+    current micro-batch holds: a block may flatten them with their tokens (OPT's MLP does).
+    """
+
+    def __init__(self, layer: nn.Linear):
+        self.sum = torch.zeros_like(layer.weight, dtype=torch.float32)
+        self.windows = 1
+        self._hook = layer.register_forward_hook(self._forward)
+
+    def _forward(self, _: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        inputs = args[0].detach()
+        output.register_hook(lambda grad: self._add(inputs, grad))
+
+    def _add(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        per_window = torch.bmm(
+            grad.reshape(self.windows, -1, grad.shape[-1]).float().transpose(1, 2),
+            inputs.reshape(self.windows, -1, inputs.shape[-1]).float(),
+        )
+        self.sum += per_window.pow(2).sum(dim=0)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def head_loss(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, windows: torch.Tensor) -> float:
+    """Σ over windows and tokens of the next-token NLL, backpropagated into `hidden.grad`; returns the sum.
+
+    The head runs on HEAD_POSITIONS positions at a time (its modules act on each position alone), so the logits of
+    a window (seqlen × vocabulary floats, and as much again for their gradient) never exist whole.
+    """
+    total = 0.0
+    for start in range(0, windows.shape[1] - 1, HEAD_POSITIONS):
+        stop = min(start + HEAD_POSITIONS, windows.shape[1] - 1)
+        with torch.enable_grad():
+            logits = logits_of(hidden[:, start:stop]).float()
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), windows[:, start + 1 : stop + 1].reshape(-1), reduction="sum"
+            )
+            loss.backward()
+        total += loss.item()
+    return total
+
+
+class GradientPass:
+    """The state of one gradient pass over a checkpoint: its journal, activation files and calibration windows.
+
+    Gradients flow for the *summed* token loss of each window (O(1) per token, so half precision does not
+    underflow); the squared sums are divided by the number of predicted tokens squared at the end, giving the
+    gradients of each window's mean token loss, as `model(ids, labels=ids).loss.backward()` would.
+    """
+
+    def __init__(self, settings: GradientSettings, staged: StagedModel, calibration: Calibration, run: Run):
+        self.settings, self.staged, self.run = settings, staged, run
+        self.windows = calibration.windows
+        self.shape = (*self.windows.shape, staged.config.hidden_size)
+        self.batches = micro_batches(len(self.windows), max(1, settings.micro_batch))
+        self.device = settings.device
+
+    # ---------------------------------------------------------------- files
+    def inputs_path(self, block: int) -> Path:
+        return self.run.persisted_inputs_path(block)
+
+    def gradient_path(self, slot: int) -> Path:
+        return self.run.work / f"gradient-{slot}.bin"
+
+    def existing(self, path: Path, dtype: torch.dtype) -> ActivationBuffer:
+        """A memory-mapped buffer over a file an earlier phase wrote (a missing one means a damaged run)."""
+        if not path.is_file():
+            raise LayerpressError(
+                f"{self.settings.out}: {path.name} is missing, the gradient pass cannot go on; add --restart"
+            )
+        return ActivationBuffer(self.shape, dtype, path)
+
+    def remove_buffers(self) -> None:
+        """Once the norms are written, nothing else in the work directory is needed (a kill may have left some)."""
+        shutil.rmtree(self.run.work / "stream", ignore_errors=True)
+        for pattern in ("gradient-*.bin", "inputs-*.bin"):
+            for path in self.run.work.glob(pattern):
+                path.unlink()
+
+    # ---------------------------------------------------------------- phases
+    def run_all(self) -> None:
+        started = time.perf_counter()
+        if "backward" not in self.run.body:
+            if self.run.blocks_done < self.staged.num_blocks:
+                self.forward()
+            self.head()
+        self.backward()
+        self.run.finish({"seconds": time.perf_counter() - started, "bytes_read": self.staged.checkpoint.bytes_read})
+        self.remove_buffers()
+        log.info("wrote gradient norms of %d blocks to %s", self.staged.num_blocks, self.settings.out)
+
+    def forward(self) -> None:
+        """The shared block loop, keeping each block's inputs for the backward walk."""
+
+        def keep_inputs(context: BlockContext) -> dict[str, Any]:
+            path = self.inputs_path(context.index)
+            if not path.is_file():  # saved atomically: present means complete
+                context.acts.inputs.save(path)
+            return {}
+
+        options = StreamOptions(self.device, self.settings.micro_batch, offload_dir=self.run.work / "stream")
+        stream_blocks(self.staged, self.windows, options, keep_inputs, self.run, desc="gradients: forward")
+
+    def head(self) -> None:
+        """Loss at the head; its gradient with respect to the last block's outputs goes to gradient slot 0."""
+        hidden = self.existing(self.run.inputs_file, self.staged.dtype)
+        gradient = ActivationBuffer(self.shape, torch.float32, self.gradient_path(0))
+        clock, loss = time.perf_counter(), 0.0
+        with self.staged.final_stage() as logits_of:
+            for batch in self.batches:
+                inputs = hidden.data[batch].to(self.device).requires_grad_()
+                loss += head_loss(logits_of, inputs, self.windows[batch].to(self.device))
+                gradient.data[batch] = inputs.grad.float().cpu()
+        gradient.flush()
+        mean_loss = loss / self.windows[:, 1:].numel()
+        log.info("calibration loss %.4f (perplexity %.2f)", mean_loss, math.exp(mean_loss))
+        self.run.record(
+            {"backward": {"blocks_done": 0, "gradient_slot": 0}, "loss": mean_loss},
+            {"block": "head", "head": time.perf_counter() - clock},
+        )
+
+    def backward(self) -> None:
+        total = self.staged.num_blocks
+        done = self.run.body["backward"]["blocks_done"]
+        with self.staged.pre_stage() as embedder:
+            sizes = {batch.stop - batch.start for batch in self.batches}
+            extras = {size: embedder.extras(size, self.windows.shape[1]) for size in sizes}
+        bar = tqdm(total=total, initial=done, desc="gradients: backward", unit="block", disable=None)
+        for index in reversed(range(total - done)):
+            clock = time.perf_counter()
+            slot = self.run.body["backward"]["gradient_slot"]  # holds the gradient of this block's outputs
+            output_gradient = self.existing(self.gradient_path(slot), torch.float32)
+            norms = self.backward_block(index, extras, output_gradient, self.gradient_path(1 - slot))
+            data = save_safetensors(norms)
+            atomic_write(gradients_file(self.settings.out, index), data)
+            self.run.record(
+                {
+                    "backward": {"blocks_done": total - index, "gradient_slot": 1 - slot},
+                    "files": {str(index): hashlib.sha256(data).hexdigest()},
+                },
+                {"block": index, "backward": time.perf_counter() - clock},
+            )
+            self.inputs_path(index).unlink(missing_ok=True)  # disk use shrinks as the walk goes back
+            log.info("block %d/%d: gradients in %.2fs", index + 1, total, time.perf_counter() - clock)
+            bar.update(1)
+        bar.close()
+
+    def backward_block(
+        self, index: int, extras: dict, output_gradient: ActivationBuffer, input_gradient_path: Path
+    ) -> dict[str, torch.Tensor]:
+        """Block `index`'s weight-gradient norms; its input gradient goes to `input_gradient_path`."""
+        inputs = self.existing(self.inputs_path(index), self.staged.dtype)
+        input_gradient = ActivationBuffer(self.shape, torch.float32, input_gradient_path)
+        block = self.staged.load_block(index)
+        accumulators = {name: SquaredGradients(layer) for name, layer in self.staged.linears(block).items()}
+        try:
+            for batch in self.batches:
+                size = batch.stop - batch.start
+                for accumulator in accumulators.values():
+                    accumulator.windows = size
+                hidden = inputs.data[batch].to(self.device).requires_grad_()
+                with torch.enable_grad():
+                    output = self.staged.call_block(block, hidden, extras[size])
+                    output.backward(output_gradient.data[batch].to(device=self.device, dtype=output.dtype))
+                input_gradient.data[batch] = hidden.grad.float().cpu()
+        finally:
+            for accumulator in accumulators.values():
+                accumulator.remove()
+        input_gradient.flush()
+        self.staged.release_block(index)
+        tokens = self.windows.shape[1] - 1  # predicted tokens per window: back from summed to mean token loss
+        return {
+            weight_name(self.staged, index, name): (accumulator.sum.sqrt() / tokens).cpu().contiguous()
+            for name, accumulator in accumulators.items()
+        }
+
+
+def compute_gradients(settings: GradientSettings) -> Path:
+    """Write the gradient norms of `settings.model` into `settings.out`; resumes a partial run of the same settings."""
+    if settings.out.resolve() == settings.model.resolve():
+        raise LayerpressError("the gradients directory must differ from the model directory")
+    checkpoint = Checkpoint(settings.model)
+    staged = StagedModel(checkpoint, settings.device, settings.dtype)
+    calibration = settings.calibration.load(settings.model, checkpoint.config)
+    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": calibration.fingerprint}
+    run = Run(
+        settings.out, COMMAND, settings.record(calibration.record, staged.dtype), fingerprints, staged.num_blocks,
+        restart=settings.restart,
+    )
+    try:
+        if run.complete:
+            log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
+        else:
+            GradientPass(settings, staged, calibration, run).run_all()
+    finally:
+        run.close()
+    return settings.out
+
+
+class GradientNorms:
+    """A finished gradient pass, checked against the model and calibration windows of the run that reads it."""
+
+    def __init__(self, directory: Path, checkpoint: Checkpoint, calibration: Calibration):
+        self.directory = directory
+        body = read_journal(directory) if directory.is_dir() else None
+        if body is None or body.get("command") != COMMAND:
+            raise LayerpressError(f"{directory} holds no gradient pass: make one with `main.py gradients`")
+        if body["state"] != "complete":
+            raise LayerpressError(f"the gradient pass in {directory} is not finished: run it again to resume it")
+        if body["fingerprints"]["checkpoint"] != checkpoint.fingerprint():
+            raise LayerpressError(
+                f"the gradients in {directory} were computed for another model than {checkpoint.directory}"
+            )
+        differences = describe_differences(body["settings"]["calibration"], calibration.record, "calibration ")
+        if differences or body["fingerprints"]["calibration"] != calibration.fingerprint:
+            raise LayerpressError(
+                f"the gradients in {directory} were computed on other calibration windows "
+                f"({'; '.join(differences) or 'calibration text changed'}): use the same --calib, --nsamples, "
+                "--seqlen and --seed as the gradient pass"
+            )
+        self.digests: dict[str, str] = body.get("files", {})
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these gradients (the digests of their files), for the journal of the run that uses them."""
+        return hashlib.sha256(repr(sorted(self.digests.items())).encode()).hexdigest()
+
+    def for_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        """The norms of the block's linear layers by layer name, on the device (the file's digest checked first)."""
+        path = gradients_file(self.directory, context.index)
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != self.digests.get(str(context.index)):
+            raise LayerpressError(f"{path} is missing or damaged: run `main.py gradients` again with --restart")
+        tensors = load_safetensors(data)
+        norms = {}
+        for name, layer in context.linears.items():
+            norm = tensors.get(weight_name(context.staged, context.index, name))
+            if norm is None or norm.shape != layer.weight.shape:
+                raise LayerpressError(f"{path} holds no gradient norms of shape {tuple(layer.weight.shape)} for {name}")
+            norms[name] = norm.to(layer.weight.device)
+        return norms
