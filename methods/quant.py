@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = (2, 3, 4, 8)
+BITS = tuple(range(2, 9))  # every width compressed-tensors packs (dense bit streams, 2 to 8)
 ACT_ORDERS = ("weight", "group")
 
 
