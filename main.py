@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pruned by SparseGPT at the probe sparsity, as sequential pruning sees them (default: dense)")
     scores.add_argument("--outlier-threshold", type=float, default=5.0,
                         help="OWL's M: a Wanda score is an outlier above M times its block's mean (default: 5)")
+    scores.add_argument("--cca-noise", type=float, default=0.01,
+                        help="CMPQ: the output noise its canonical correlations are taken under, relative to the "
+                        "layer's mean output variance (default: 0.01)")
     add_calibration(scores)
     scores.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
     METHODS["sparsegpt"].add_arguments(scores.add_argument_group("OBS options (as sparsegpt's)"))
@@ -434,7 +437,7 @@ def run_scores(args: argparse.Namespace) -> None:
     from streamer.scores import ScoreSettings, score
 
     try:
-        scorer = Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold)
+        scorer = Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold, args.cca_noise)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
     settings = ScoreSettings(

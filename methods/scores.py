@@ -17,7 +17,8 @@ Both grow with the scale of the layer's output, which in a pre-norm transformer 
 fraction of the layer's output that pruning destroys.
 
 The outlier counts are OWL's (Yin et al., 2024): Wanda scores |W_ij|·‖X_j‖ above M times the mean score of the
-whole block.
+whole block. `cmpq`, `pmpq` (per probe) and `tdmpq` are CPTQuant's sensitivities (methods/sensitivity.py), which
+`compress --bits-policy` turns into per-layer bit widths.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .base import Target
 from .hessian import dead_inputs, inverse_cholesky
 from .masks import lowest_overall
 from .obs import sweep
+from .sensitivity import canonical_sensitivity, output_energy, pruning_sensitivity, taylor_sensitivity
 from .statistics import Gram
 
 
@@ -47,6 +49,9 @@ class LayerScore:
     saliency: dict[float, float]
     damping: float
     output_energy: float
+    cmpq: float
+    pmpq: dict[float, float]
+    tdmpq: float
     outliers: int = 0
     pruned: torch.Tensor | None = None
 
@@ -56,6 +61,7 @@ class LayerScore:
             "output_energy": self.output_energy,
             "obs_loss": {probe_key(p): v for p, v in self.obs_loss.items()},
             "saliency": {probe_key(p): v for p, v in self.saliency.items()},
+            "cmpq": self.cmpq, "pmpq": {probe_key(p): v for p, v in self.pmpq.items()}, "tdmpq": self.tdmpq,
         }
 
 
@@ -72,9 +78,10 @@ def one_shot_saliency(weight: torch.Tensor, factor: torch.Tensor, mask: torch.Te
 
 def score_layer(
     layer: nn.Linear, gram: Gram, sparsities: tuple[float, ...], damping: float, blocksize: int,
-    keep_pruned: bool = False,
+    keep_pruned: bool = False, cca_noise: float = 0.01,
 ) -> LayerScore:
-    """Both loss estimates of pruning `layer` to each probe sparsity (unstructured), from one Cholesky factor.
+    """Both loss estimates of pruning `layer` to each probe sparsity (unstructured), from one Cholesky factor, and
+    CPTQuant's sensitivities (cca_noise: CMPQ's output noise level).
 
     keep_pruned: also return the sweep's weight at the (single) probe.
     """
@@ -82,8 +89,12 @@ def score_layer(
     weight[:, dead_inputs(gram.gram)] = 0.0
     factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
     saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
-    output_energy = float((weight.double() @ gram.hessian.double() * weight.double()).sum() / 2)
-    result = LayerScore(layer.weight.numel(), {}, {}, used_damping, output_energy)
+    energy = output_energy(weight, gram.hessian) / 2
+    hessian = gram.hessian
+    result = LayerScore(layer.weight.numel(), {}, {}, used_damping, energy,
+                        cmpq=canonical_sensitivity(weight, hessian, cca_noise),
+                        pmpq={p: pruning_sensitivity(weight, hessian, p) for p in sparsities},
+                        tdmpq=taylor_sensitivity(weight, hessian))
     for sparsity in sparsities:
         mask = lowest_overall(saliency, int(weight.numel() * sparsity))
         result.saliency[sparsity] = one_shot_saliency(weight, factor, mask)
@@ -109,18 +120,19 @@ def outlier_counts(scores: dict[str, torch.Tensor], threshold: float) -> dict[st
 @dataclass
 class Scorer:
     """The per-block maths of the score pass. sparsities: the probes; damping, blocksize: SparseGPT's;
-    outlier_threshold: OWL's M."""
+    outlier_threshold: OWL's M; cca_noise: CMPQ's output noise, relative to the mean output variance."""
 
     sparsities: tuple[float, ...]
     damping: float = 0.01
     blocksize: int = 128
     outlier_threshold: float = 5.0
+    cca_noise: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.sparsities or not all(0.0 <= s < 1.0 for s in self.sparsities):
             raise ValueError(f"probe sparsities must lie in [0, 1), got {list(self.sparsities)}")
-        if self.blocksize < 1 or self.damping < 0 or self.outlier_threshold <= 0:
-            raise ValueError("scores need blocksize >= 1, damping >= 0 and an outlier threshold > 0")
+        if self.blocksize < 1 or self.damping < 0 or self.outlier_threshold <= 0 or self.cca_noise <= 0:
+            raise ValueError("scores need blocksize >= 1, damping >= 0, an outlier threshold > 0 and a CCA noise > 0")
 
     def statistic(self, layer: nn.Linear) -> Gram:
         return Gram(layer)
@@ -138,6 +150,7 @@ class Scorer:
                                   self.outlier_threshold)
         scores = {}
         for name, layer in layers.items():
-            scores[name] = score_layer(layer, grams[name], self.sparsities, self.damping, self.blocksize, keep_pruned)
+            scores[name] = score_layer(layer, grams[name], self.sparsities, self.damping, self.blocksize, keep_pruned,
+                                       self.cca_noise)
             scores[name].outliers = outliers[name]
         return scores

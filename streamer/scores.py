@@ -65,7 +65,7 @@ class ScoreSettings:
             "sparsities": list(self.scorer.sparsities),
             "inputs": self.inputs,
             "scorer": {"damping": self.scorer.damping, "blocksize": self.scorer.blocksize,
-                       "outlier_threshold": self.scorer.outlier_threshold},
+                       "outlier_threshold": self.scorer.outlier_threshold, "cca_noise": self.scorer.cca_noise},
             "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
             "device": self.stream.device.type,
