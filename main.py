@@ -36,6 +36,7 @@ examples:
   python main.py decompress --model OUT --out DENSE_DIR
   python main.py scores --model IN --out SCORES --sparsity 0.7
   python main.py compress --model IN --out OUT --sparsity 0.7 --allocation score --scores SCORES
+  python main.py compress --model IN --out OUT --method gptq --bits-policy cmpq --avg-bits 5 --scores SCORES
   python main.py compress --model IN --out OUT --method wanda --sparsity 0.6 --reconstruct biases,norms,masklora
   python main.py compress --model IN --out OUT --method flap --ratio 0.2 --structure AL-AM --metric WIFV
   python main.py gradients --model IN --out GRAD
@@ -186,6 +187,30 @@ def add_allocation(parser: argparse.ArgumentParser) -> None:
                        help="owl: sparsities spread over the target plus or minus this (default: 0.08)")
 
 
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of bit widths: {text!r} (example: 4,8)") from None
+
+
+def add_bits_policy(parser: argparse.ArgumentParser) -> None:
+    from methods.sensitivity import POLICIES
+
+    group = parser.add_argument_group(
+        "per-layer bits (CPTQuant)", "give each layer a bit width from --bit-choices, the most sensitive layers "
+        "(by a sensitivity of `main.py scores`, read from --scores) the highest, keeping the parameter-weighted "
+        "average at most --avg-bits; replaces --wbits (the grid's other options apply to every layer)",
+    )
+    group.add_argument("--bits-policy", choices=POLICIES, default=None,
+                       help="cmpq: 1 - canonical correlation of the layer's input and noisy output; pmpq: relative "
+                       "output error when magnitude-pruned at the score pass's first probe sparsity; tdmpq: "
+                       "first-order Taylor output change under input noise scaled to each channel")
+    group.add_argument("--avg-bits", type=float, default=None, help="average bits per compressed weight, at most")
+    group.add_argument("--bit-choices", type=parse_bit_choices, default=(4, 8), metavar="B1,B2,...",
+                       help="the bit widths a layer may get (default: 4,8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -209,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                           + " (default: dense)")
     add_planning(compress)
     add_allocation(compress)
+    add_bits_policy(compress)
     compress.add_argument("--gradients", type=Path, default=None, metavar="GRAD_DIR",
                           help="gblm: gradient norms written by `main.py gradients` with the same model and "
                           "calibration options")
@@ -295,12 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_quant(args: argparse.Namespace) -> QuantSpec | None:
-    if args.wbits is None:
+    """The grid of every layer (with a bits policy: its widest choice, each layer's own bits set by the policy)."""
+    bits = args.wbits
+    if getattr(args, "bits_policy", None) is not None:
+        if args.wbits is not None:
+            raise LayerpressError("--bits-policy chooses each layer's bits from --bit-choices: leave out --wbits")
+        bits = max(args.bit_choices)
+    if bits is None:
         if args.groupsize is not None or args.act_order is not None or not args.symmetric:
             raise LayerpressError("--groupsize, --asym and --act-order shape a quantization grid: give --wbits too")
         return None
     try:
-        return QuantSpec(args.wbits, args.groupsize, args.symmetric, args.act_order)
+        return QuantSpec(bits, args.groupsize, args.symmetric, args.act_order)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
 
@@ -354,7 +386,7 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
 
 
 def run_compress(args: argparse.Namespace) -> None:
-    from streamer.allocation import Allocation
+    from streamer.allocation import Allocation, BitsPolicy
     from streamer.scheduler import CompressSettings, compress
 
     method = make_method(args)
@@ -366,7 +398,8 @@ def run_compress(args: argparse.Namespace) -> None:
         given = [option for option, value in (("--sparsity", args.sparsity is not None),
                                               ("--pattern", args.pattern is not None),
                                               ("--true-sequential", args.true_sequential),
-                                              ("--wbits", args.wbits is not None)) if value]
+                                              ("--wbits", args.wbits is not None),
+                                              ("--bits-policy", args.bits_policy is not None)) if value]
         if given:
             raise LayerpressError(f"--method {args.method} removes whole heads and channels (--ratio); "
                                   f"{', '.join(given)} applies to unstructured methods only")
@@ -391,6 +424,7 @@ def run_compress(args: argparse.Namespace) -> None:
         ),
         reconstruction=reconstruction,
         gradients=args.gradients,
+        bits=BitsPolicy(args.bits_policy, args.avg_bits, args.bit_choices, args.scores),
     )
     compress(settings)
 

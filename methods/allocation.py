@@ -142,3 +142,33 @@ def owl(
         return uniform(params, target)
     proposals = [target + spread - 2 * spread * (ratio - low) / (high - low) for ratio in outlier_ratios]
     return fit_to_target(proposals, params, target, lower, upper)
+
+
+def check_bit_budget(choices: Sequence[int], average: float) -> None:
+    """The average must be reachable with these choices: min(choices) <= average <= max(choices)."""
+    if not choices or len(set(choices)) != len(choices):
+        raise ValueError(f"bit choices must be distinct, got {list(choices)}")
+    if not min(choices) <= average <= max(choices):
+        raise ValueError(f"--avg-bits {average:g} lies outside the bit choices [{min(choices)}, {max(choices)}]")
+
+
+def bits_by_sensitivity(
+    sensitivities: Sequence[float], params: Sequence[int], choices: Sequence[int], average: float
+) -> list[int]:
+    """Per-layer bits from `choices`, parameter-weighted mean at most `average`, the most sensitive layers highest.
+
+    Every layer starts at the lowest choice; then, in descending sensitivity (ties: forward order), each layer takes
+    the highest choice the remaining budget affords (first fit: a layer too large for what is left is passed over, so
+    a smaller, less sensitive one can still use it). The mean then lies within one layer's step of `average`.
+    """
+    check_bit_budget(choices, average)
+    if not sensitivities or len(sensitivities) != len(params) or min(params) <= 0:
+        raise ValueError("need one sensitivity and a positive parameter count per layer")
+    ordered = sorted(choices)
+    bits = [ordered[0]] * len(params)
+    left = average * sum(params) - ordered[0] * sum(params)  # bit·parameters still to give
+    for layer in sorted(range(len(params)), key=lambda i: -sensitivities[i]):
+        affordable = [b for b in ordered if (b - ordered[0]) * params[layer] <= left + 1e-9 * params[layer]]
+        bits[layer] = affordable[-1]
+        left -= (bits[layer] - ordered[0]) * params[layer]
+    return bits

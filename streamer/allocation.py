@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from methods import allocation as maths
+from methods.quant import BITS
 from methods.scores import probe_key
+from methods.sensitivity import POLICIES
 
 from .errors import LayerpressError
 from .model import LinearLayer
@@ -38,6 +40,28 @@ def read_scores(directory: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise LayerpressError(f"{path} is not a readable scores file: {exc!r}") from exc
     return document
+
+
+def read_checked_scores(directory: Path, layers: list[LinearLayer]) -> dict[str, Any]:
+    """The score pass's document in `directory`, checked to cover exactly these layers."""
+    document = read_scores(directory)
+    scores = document["layers"]
+    missing = [layer.name for layer in layers if layer.name not in scores]
+    if missing:
+        raise LayerpressError(
+            f"the scores in {directory} do not cover this model (no {missing[0]}, {len(missing)} layers "
+            "missing): run `main.py scores` on this model"
+        )
+    mismatched = [layer.name for layer in layers if scores[layer.name]["params"] != layer.params]
+    if mismatched:
+        raise LayerpressError(f"the scores in {directory} are of another model: {mismatched[0]} differs in size")
+    return document
+
+
+def scores_digest(directory: Path, document: dict[str, Any]) -> dict[str, Any]:
+    """What a record keeps of the score pass it read: where, its exact bytes, its inputs."""
+    return {"path": str(directory), "sha256": hashlib.sha256((directory / SCORES_FILE).read_bytes()).hexdigest(),
+            "inputs": document["inputs"]}
 
 
 def layer_loss(record: dict[str, Any], estimate: str, probe: float) -> float:
@@ -99,11 +123,7 @@ class Allocation:
         if self.kind in ("score", "owl"):
             assert self.scores is not None
             document = read_scores(self.scores)
-            record["scores"] = {
-                "path": str(self.scores),
-                "sha256": hashlib.sha256((self.scores / SCORES_FILE).read_bytes()).hexdigest(),
-                "inputs": document["inputs"],
-            }
+            record["scores"] = scores_digest(self.scores, document)
             if self.kind == "score":  # OWL's outlier counts do not depend on the probe
                 record["scores"]["probe_sparsity"] = nearest_probe(document, target)
         return record
@@ -117,7 +137,8 @@ class Allocation:
         if self.kind == "depth":
             chosen = maths.by_depth([layer.block for layer in layers], params, target, lower, upper)
         else:
-            document = self._read_checked(layers)
+            assert self.scores is not None
+            document = read_checked_scores(self.scores, layers)
             scores = document["layers"]
             if self.kind == "score":
                 probe = nearest_probe(document, target)
@@ -131,23 +152,6 @@ class Allocation:
                                    self.owl_lambda)
         return dict(zip((layer.name for layer in layers), chosen))
 
-    def _read_checked(self, layers: list[LinearLayer]) -> dict[str, Any]:
-        """The score pass's document, checked to cover exactly these layers."""
-        assert self.scores is not None
-        document = read_scores(self.scores)
-        scores = document["layers"]
-        missing = [layer.name for layer in layers if layer.name not in scores]
-        if missing:
-            raise LayerpressError(
-                f"the scores in {self.scores} do not cover this model (no {missing[0]}, {len(missing)} layers "
-                "missing): run `main.py scores` on this model"
-            )
-        mismatched = [layer.name for layer in layers if scores[layer.name]["params"] != layer.params]
-        if mismatched:
-            raise LayerpressError(f"the scores in {self.scores} are of another model: {mismatched[0]} differs in size")
-        return document
-
-
 def _block_outlier_ratios(layers: list[LinearLayer], scores: dict[str, dict[str, Any]]) -> dict[int, float]:
     """OWL's outlier ratio of each block: its outlier Wanda scores over all its weights."""
     outliers: dict[int, int] = {}
@@ -156,3 +160,65 @@ def _block_outlier_ratios(layers: list[LinearLayer], scores: dict[str, dict[str,
         outliers[layer.block] = outliers.get(layer.block, 0) + scores[layer.name]["outliers"]
         weights[layer.block] = weights.get(layer.block, 0) + layer.params
     return {block: outliers[block] / weights[block] for block in outliers}
+
+
+@dataclass
+class BitsPolicy:
+    """CPTQuant: per-layer bit widths from a sensitivity of the score pass (methods/sensitivity.py).
+
+    kind: None (every layer at --wbits), cmpq, pmpq or tdmpq; average: the parameter-weighted average bits not to
+    exceed; choices: the widths a layer may get; scores: directory of a score pass of this model.
+    """
+
+    kind: str | None = None
+    average: float | None = None
+    choices: tuple[int, ...] = (4, 8)
+    scores: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            if self.average is not None:
+                raise LayerpressError("--avg-bits is the budget of a --bits-policy: give --bits-policy too")
+            return
+        if self.kind not in POLICIES:
+            raise LayerpressError(f"unknown bits policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
+        if self.scores is None or self.average is None:
+            raise LayerpressError(f"--bits-policy {self.kind} needs --avg-bits and --scores DIR (written by "
+                                  "`main.py scores` on this model)")
+        unsupported = [bits for bits in self.choices if bits not in BITS]
+        if unsupported:
+            raise LayerpressError(f"--bit-choices: {unsupported[0]} bits is not supported; choose from {BITS}")
+        try:
+            maths.check_bit_budget(self.choices, self.average)
+        except ValueError as exc:
+            raise LayerpressError(str(exc)) from exc
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind is not None
+
+    def layer_bits(self, layers: list[LinearLayer]) -> tuple[dict[str, int], dict[str, Any]]:
+        """Every layer's bits, and the record of how they were chosen (for the journal and config.json)."""
+        assert self.scores is not None and self.average is not None
+        document = read_checked_scores(self.scores, layers)
+        records = document["layers"]
+        missing = [layer.name for layer in layers if self.kind not in records[layer.name]]
+        if missing:
+            raise LayerpressError(f"the scores in {self.scores} have no {self.kind} sensitivities: rerun "
+                                  "`main.py scores` with this layerpress")
+        probe = document["sparsities"][0]
+        sensitivity = [layer_sensitivity(records[layer.name], self.kind, probe) for layer in layers]
+        bits = maths.bits_by_sensitivity(sensitivity, [layer.params for layer in layers], self.choices, self.average)
+        chosen = dict(zip((layer.name for layer in layers), bits))
+        achieved = maths.weighted_mean(bits, [layer.params for layer in layers])
+        record = {"policy": self.kind, "avg_bits": self.average, "bit_choices": list(self.choices),
+                  "achieved_avg_bits": achieved, "scores": scores_digest(self.scores, document)}
+        if self.kind == "pmpq":
+            record["scores"]["probe_sparsity"] = probe
+        return chosen, record
+
+
+def layer_sensitivity(record: dict[str, Any], policy: str, probe: float) -> float:
+    """A layer's sensitivity under `policy` from its score record (pmpq at the probe sparsity)."""
+    value = record[policy]
+    return value[probe_key(probe)] if isinstance(value, dict) else value

@@ -53,7 +53,10 @@ class DecodedCheckpoint:
         self.config["layerpress"] = {**self.record, "format": "dense", "decompressed_from": fmt.name}
         try:
             self.dtype = getattr(torch, self.record["weight_dtype"])
-            self.quant = QuantSpec(**self.record["quantization"]) if self.record.get("quantization") else None
+            grid = self.record.get("quantization")
+            self.layer_bits: dict[str, int] = self.record.get("layer_bits") or {}
+            bits = {grid["bits"]} if grid and not self.layer_bits else set(self.layer_bits.values())
+            self.grids = {b: QuantSpec(**{**grid, "bits": b}) for b in bits} if grid else {}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LayerpressError(f"{self.directory}: damaged layerpress record in config.json ({exc})") from exc
         self.entries: dict[str, TensorEntry | DecodedEntry] = {}
@@ -80,6 +83,18 @@ class DecodedCheckpoint:
             shape = tuple(int(dim) for dim in shapes[layer["shape"]])
             self.entries[weight] = DecodedEntry(weight, self.dtype, shape, layer)
 
+    def grid(self, weight: str) -> QuantSpec | None:
+        """The grid of a stored weight: the run's, with its own bits when a bits policy chose them per layer."""
+        if not self.grids:
+            return None
+        if not self.layer_bits:
+            return next(iter(self.grids.values()))
+        module = weight.removesuffix(".weight")  # checkpoint names may lack the model's leading prefix, or add one
+        for name, bits in self.layer_bits.items():
+            if name == module or name.endswith("." + module) or module.endswith("." + name):
+                return self.grids[bits]
+        raise LayerpressError(f"{self.directory}: config.json's layer_bits has no entry for {weight}")
+
     def fingerprint(self) -> str:
         return self.stored.fingerprint()
 
@@ -96,7 +111,7 @@ class DecodedCheckpoint:
         stored = self.stored.read(wanted + [part for entry in decoded for part in entry.parts.values()])
         tensors = {name: stored[name] for name in wanted}
         for entry in decoded:
-            plan = LayerPlan(entry.name, entry.dtype, entry.shape, entry.dtype, self.quant)  # scales carry their dtype
+            plan = LayerPlan(entry.name, entry.dtype, entry.shape, entry.dtype, self.grid(entry.name))  # scales: own dtype
             parts = {suffix: stored[part] for suffix, part in entry.parts.items()}
             tensors[entry.name] = self.format.decode(plan, parts)
         return {name: tensors[name] for name in names}

@@ -275,20 +275,38 @@ class Sparse(Format):
 FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (Dense(), Packed(), Sparse())}
 
 
-def compressed_tensors_config(spec: QuantSpec, ignore: list[str]) -> dict:
-    """The `quantization_config` block of config.json that makes a packed output loadable by compressed-tensors."""
+def compressed_tensors_config(specs: dict[str, QuantSpec], ignore: list[str]) -> dict:
+    """The `quantization_config` block of config.json that makes a packed output loadable by compressed-tensors.
+
+    specs: every compressed module's grid, by module path. One grid for all is one group targeting every Linear
+    (ignore: the linear modules left uncompressed); mixed grids (per-layer bits) get one group per grid, each
+    targeting its modules by name.
+    """
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for module, spec in specs.items():
+        by_spec.setdefault(spec, []).append(module)
+    uniform = len(by_spec) == 1
+    groups = {
+        f"group_{index}": {"targets": ["Linear"] if uniform else modules, "weights": grid_scheme(spec),
+                           "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+        for index, (spec, modules) in enumerate(sorted(by_spec.items(), key=lambda item: item[0].bits))
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+
+
+def grid_scheme(spec: QuantSpec) -> dict:
+    """compressed-tensors' description of a weight grid."""
     weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "dynamic": False,
                "strategy": "channel" if spec.groupsize is None else "group"}
     if spec.groupsize is not None:
         weights["group_size"] = spec.groupsize
     if spec.act_order is not None:
         weights["actorder"] = spec.act_order
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-    }
+    return weights

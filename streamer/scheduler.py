@@ -43,7 +43,7 @@ from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
 from .activations import Activations
-from .allocation import Allocation
+from .allocation import Allocation, BitsPolicy
 from .checkpoint import Checkpoint
 from .data import Calibration, CalibrationOptions
 from .decompress import open_checkpoint
@@ -79,6 +79,7 @@ class CompressSettings:
     budget: Budget | None = None  # memory the plan may use; None: the machine's totals
     format: str = "dense"
     allocation: Allocation = field(default_factory=Allocation)
+    bits: BitsPolicy = field(default_factory=BitsPolicy)  # per-layer bit widths (CPTQuant)
     reconstruction: Reconstruction = field(default_factory=Reconstruction)
     gradients: Path | None = None  # a `main.py gradients` directory, for methods that use gradient norms
 
@@ -93,7 +94,7 @@ class CompressSettings:
             "method_settings": self.method.settings(),
             "sparsity": self.target.sparsity,
             "pattern": f"{self.target.pattern[0]}:{self.target.pattern[1]}" if self.target.pattern else None,
-            "quantization": asdict(self.target.quant) if self.target.quant else None,
+            "quantization": self.quantization_record(),
             "format": self.format,
             "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
@@ -105,6 +106,13 @@ class CompressSettings:
             **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
             **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
         }
+
+
+    def quantization_record(self) -> dict[str, Any] | None:
+        """The grid of every layer; with a bits policy, bits null (each layer's are in `layer_bits`)."""
+        if self.target.quant is None:
+            return None
+        return {**asdict(self.target.quant), **({"bits": None} if self.bits.enabled else {})}
 
 
 @dataclass
@@ -310,8 +318,9 @@ def output_config(staged: StagedModel, fmt: Format, plans: dict[str, LayerPlan],
     if fmt.name != "dense":
         config["layerpress"]["weight_dtype"] = str(next(iter(plans.values())).dtype).removeprefix("torch.")
     if fmt.name == "packed":
-        quant = next(iter(plans.values())).quant
-        config["quantization_config"] = compressed_tensors_config(quant, staged.uncompressed_linear_modules())
+        specs = {staged.layer_name(index, linear): plans[weight].quant for index in range(staged.num_blocks)
+                 for linear, weight in staged.linear_weight_names(index).items()}
+        config["quantization_config"] = compressed_tensors_config(specs, staged.uncompressed_linear_modules())
     return config
 
 
@@ -341,6 +350,9 @@ def compress(settings: CompressSettings) -> Path:
         def work(run: Run) -> None:
             _compress_structured(settings, staged, windows, run, record)
     else:
+        if settings.bits.enabled and (settings.target.quant is None or not settings.method.quantizes):
+            raise LayerpressError(f"--bits-policy chooses each layer's bit width: use a method that quantizes (gptq, "
+                                  f"rtn, sparsegpt), not {settings.method.name}")
         try:
             settings.method.check(settings.target)
         except ValueError as exc:
@@ -355,8 +367,21 @@ def compress(settings: CompressSettings) -> Path:
             log.info("allocation %s: layer sparsities from %.4f to %.4f", settings.allocation.kind,
                      min(layer_targets.values()), max(layer_targets.values()))
 
+        layer_bits = None
+        if settings.bits.enabled:
+            layer_bits, record["bits_policy"] = settings.bits.layer_bits(staged.linear_layers())
+            record["layer_bits"] = layer_bits
+            log.info("bits policy %s: %d of %d layers at %d bits, average %.4f bits per weight", settings.bits.kind,
+                     sum(bits == max(layer_bits.values()) for bits in layer_bits.values()), len(layer_bits),
+                     max(layer_bits.values()), record["bits_policy"]["achieved_avg_bits"])
+
         def target_for(name: str) -> Target:
-            return settings.target if layer_targets is None else replace(settings.target, sparsity=layer_targets[name])
+            target = settings.target
+            if layer_targets is not None:
+                target = replace(target, sparsity=layer_targets[name])
+            if layer_bits is not None:
+                target = replace(target, quant=replace(target.quant, bits=layer_bits[name]))
+            return target
 
         fmt = FORMATS[settings.format]
         plans = layer_plans(staged, settings.method, target_for)

@@ -81,8 +81,10 @@ def compress_in_memory(
     reconstruction: Reconstruction | None = None,
     seed: int = 0,
     precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
+    target_for: Callable[[str], Target] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it."""
+    """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it;
+    target_for: each layer's own target, by full layer name (default: `target` for all)."""
     precomputed = precomputed or {}
     reconstruction = reconstruction or Reconstruction()
     if "biases" in reconstruction.subsets:
@@ -106,7 +108,8 @@ def compress_in_memory(
                 if any(s is not None for s in stats.values()):
                     feed(linears, stats, lambda: [forward(block, x) for x in hidden])
                 for name in group:
-                    result = method.compress(linears[name], stats[name], target)
+                    layer_target = target_for(f"{adapter.blocks}.{index}.{name}") if target_for else target
+                    result = method.compress(linears[name], stats[name], layer_target)
                     linears[name].weight.copy_(result.weight)
         if reconstruction.enabled:
             norms = {name: block.get_submodule(name) for name in adapter.norms}
