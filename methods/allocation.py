@@ -12,6 +12,9 @@ layers that would leave the bounds.
 - owl (Yin et al., 2024, outlier-weighed layer sparsity): blocks with a larger share of outlier Wanda scores get
   less sparsity; the outlier ratios are mapped linearly onto a spread of 2λ around the target.
 - depth: sparsity rising linearly with the block index from `lower` to `upper` (the layer-order baseline).
+
+`bits_by_sensitivity` allocates bit widths instead (CPTQuant's mixed precision): first fit in descending
+sensitivity under an average-bits budget.
 """
 
 from __future__ import annotations
