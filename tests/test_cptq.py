@@ -11,14 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import main
-import streamer.scheduler
 from methods import METHODS, QuantSpec, Target
 from methods.allocation import bits_by_sensitivity, weighted_mean
 from methods.sensitivity import canonical_sensitivity, pruning_sensitivity, taylor_sensitivity
 from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, load_tokenizer, tokenize
 from tests.reference import compress_in_memory
 from tests.test_compress import NSAMPLES, SEQLEN, run_compress
-from tests.test_quant import shard_bytes
+from tests.test_quant import interrupted_at_block, shard_bytes
 from tests.test_resume import output_digest
 from tests.test_scores import random_layer, run_scores
 
@@ -139,17 +138,8 @@ def test_packed_mixed_bits_load_with_transformers_and_resume_to_the_same_bytes(
     assert main.main(["decompress", "--model", str(tmp_path / "packed"), "--out", str(tmp_path / "decoded")]) == 0
     assert shard_bytes(tmp_path / "decoded") == shard_bytes(tmp_path / "dense")  # decoded with each layer's bits
 
-    compress_block = streamer.scheduler.compress_block
-
-    def stop_at_block_2(context, *args, **kwargs):
-        if context.index == 2:
-            raise KeyboardInterrupt
-        return compress_block(context, *args, **kwargs)
-
-    monkeypatch.setattr(streamer.scheduler, "compress_block", stop_at_block_2)
-    with pytest.raises(AssertionError):  # interrupted: exit status 130
+    with interrupted_at_block(monkeypatch, 2), pytest.raises(AssertionError):  # exit status 130
         run_compress(model, tmp_path / "cut", calib, *options, "--format", "packed")
-    monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
     run_compress(model, tmp_path / "cut", calib, *options, "--format", "packed")
     assert output_digest(tmp_path / "cut") == output_digest(tmp_path / "packed")
 
@@ -178,17 +168,8 @@ def test_bad_bits_options_fail_in_one_line_before_anything_is_written(
 def test_resume_with_another_policy_is_refused(tiny_checkpoints, tmp_path, llama_scores, capsys, monkeypatch):
     _, scores, calib = llama_scores
     model, out = tiny_checkpoints["llama"], tmp_path / "out"
-    compress_block = streamer.scheduler.compress_block
-
-    def stop_at_block_1(context, *args, **kwargs):
-        if context.index == 1:
-            raise KeyboardInterrupt
-        return compress_block(context, *args, **kwargs)
-
-    monkeypatch.setattr(streamer.scheduler, "compress_block", stop_at_block_1)
-    with pytest.raises(AssertionError):
+    with interrupted_at_block(monkeypatch, 1), pytest.raises(AssertionError):
         run_compress(model, out, calib, *POLICY, "--bits-policy", "cmpq", "--scores", str(scores))
-    monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
     capsys.readouterr()
     argv = ["compress", "--model", str(model), "--out", str(out), "--calib", str(calib), "--nsamples", str(NSAMPLES),
             "--seqlen", str(SEQLEN), "--device", "cpu", *POLICY, "--bits-policy", "pmpq", "--scores", str(scores)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -273,28 +275,37 @@ def test_decompress_refuses_dense_outputs(tiny_checkpoints, tmp_path, capsys):
     assert "nothing to decompress" in capsys.readouterr().err
 
 
+@contextmanager
+def interrupted_at_block(monkeypatch, index: int) -> Iterator[None]:
+    """Within: compress is interrupted (as by Ctrl-C) when it reaches block `index`."""
+    import streamer.scheduler
+
+    compress_block = streamer.scheduler.compress_block
+
+    def stop(context, *args, **kwargs):
+        if context.index == index:
+            raise KeyboardInterrupt
+        return compress_block(context, *args, **kwargs)
+
+    monkeypatch.setattr(streamer.scheduler, "compress_block", stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
+
+
 def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
     tiny_checkpoints, tmp_path, calib_text, monkeypatch
 ):
     import streamer.decompress
-    import streamer.scheduler
 
     model = tiny_checkpoints["llama"]
     options = ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--asym"]
     compress_formats(model, tmp_path / "whole", calib_text, options, ["packed"])
     assert main_ok("decompress", "--model", str(tmp_path / "whole" / "packed"), "--out", str(tmp_path / "whole-dense"))
 
-    compress_block = streamer.scheduler.compress_block
-
-    def stop_at_block_2(context, *args, **kwargs):
-        if context.index == 2:
-            raise KeyboardInterrupt
-        return compress_block(context, *args, **kwargs)
-
-    monkeypatch.setattr(streamer.scheduler, "compress_block", stop_at_block_2)
-    with pytest.raises(AssertionError):  # main.py stopped by the interrupt: exit status 130, not 0
+    with interrupted_at_block(monkeypatch, 2), pytest.raises(AssertionError):  # main.py exits 130, not 0
         compress_formats(model, tmp_path / "cut", calib_text, options, ["packed"])
-    monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
     compress_formats(model, tmp_path / "cut", calib_text, options, ["packed"])
     assert shard_bytes(tmp_path / "cut" / "packed") == shard_bytes(tmp_path / "whole" / "packed")
 

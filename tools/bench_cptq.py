@@ -13,7 +13,6 @@ Run it with OMP_NUM_THREADS=1 on a shared machine (see tools/bench_quant.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.bench_quant import CALIBRATION, EVALUATION, PROTOCOL, disk_bytes, main_py  # noqa: E402
+from tools.bench_quant import CALIBRATION, PROTOCOL, bench_arguments, disk_bytes, main_py, perplexity  # noqa: E402
 
 GRID = ["--method", "gptq", "--groupsize", "64", "--format", "packed"]
 POLICY = ["--avg-bits", "5", "--bit-choices", "4,8"]
@@ -52,19 +51,10 @@ def high_bit_layers(out: Path, blocks: int) -> dict | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "checkpoints" / "smollm2-135m")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-cptq")
-    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), default=None, help="run only these")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = bench_arguments(__doc__, "bench-cptq", RUNS)
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     blocks = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
-
-    def perplexity(model: Path) -> float:
-        output = main_py("eval", "--model", str(model), "--device", "cpu", *PROTOCOL, *EVALUATION)
-        return json.loads(output.splitlines()[-1])["ppl"]
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=2))

@@ -66,19 +66,27 @@ def fp16_bytes(directory: Path) -> int:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def perplexity(model: Path) -> float:
+    """WikiText-2 perplexity of `model` under the quality protocol."""
+    output = main_py("eval", "--model", str(model), "--device", "cpu", *PROTOCOL, *EVALUATION)
+    return json.loads(output.splitlines()[-1])["ppl"]
+
+
+def bench_arguments(description: str, workdir: str, runs: dict) -> argparse.Namespace:
+    """--model, --workdir (created) and --only of a benchmark over `runs`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "checkpoints" / "smollm2-135m")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_quant")
-    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), default=None, help="run only these")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / workdir)
+    parser.add_argument("--only", nargs="*", choices=sorted(runs), default=None, help="run only these")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, "bench_quant", RUNS)
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-
-    def perplexity(model: Path) -> float:
-        output = main_py("eval", "--model", str(model), "--device", "cpu", *PROTOCOL, *EVALUATION)
-        return json.loads(output.splitlines()[-1])["ppl"]
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=2))
