@@ -15,6 +15,7 @@ method's result and `decode` turns them back into the dense weight, bit for bit 
     weight_g_idx       int32 (cols,): group of every column (act-order "group" only)
     weight_shape       int64 (2,): rows, cols
   Integers are stored offset by 2^(bits−1) from compressed-tensors' signed ones, i.e. as our unsigned q.
+  Every layer is sized from its own plan's grid, so layers may differ in bits (`compress --bits-policy`).
 - sparse: our own layout for pruned layers, whose size is known before the maths because every method prunes an
   exact number of weights (`Method.pruned_count`):
     weight_bitmask     uint8 (rows, ⌈cols/8⌉): bit j%8 (least significant first) of byte j//8 is 1 where the
