@@ -7,10 +7,6 @@ Evaluation on the first 8 windows x 512 of WikiText-2 test. The full benchmark i
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,26 +14,10 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import main
 from streamer.decompress import open_checkpoint
-from tests.conftest import ROOT
-from tools.convert_gguf import bundled_smollm2, convert
+from tests.conftest import perplexity
 
 pytestmark = pytest.mark.slow
 PROTOCOL = ["--seqlen", "512", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """The converted checkpoint, made once and kept under checkpoints/ (git-ignored) for later runs."""
-    directory = ROOT / "checkpoints" / "smollm2-135m"
-    convert(bundled_smollm2(), directory, torch.float32, "100MB")
-    return directory
-
-
-def perplexity(model) -> float:
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        assert main.main(["-q", "eval", "--model", str(model), "--windows", "8", *PROTOCOL]) == 0
-    return json.loads(captured.getvalue().splitlines()[-1])["ppl"]
 
 
 def test_gptq_beats_rtn_and_its_packed_output_loads_with_compressed_tensors(smollm2, tmp_path):
@@ -46,7 +26,7 @@ def test_gptq_beats_rtn_and_its_packed_output_loads_with_compressed_tensors(smol
     for method, fmt, nsamples in (("rtn", "dense", "1"), ("gptq", "packed", "16")):
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(tmp_path / method), "--method",
                           method, *quantization, "--format", fmt, "--nsamples", nsamples, *PROTOCOL]) == 0
-    dense, rtn, gptq = perplexity(smollm2), perplexity(tmp_path / "rtn"), perplexity(tmp_path / "gptq")
+    dense, rtn, gptq = perplexity(smollm2, 8), perplexity(tmp_path / "rtn", 8), perplexity(tmp_path / "gptq", 8)
     print(f"SmolLM2 8x512 perplexity: dense {dense:.2f}, rtn w4 g64 {rtn:.2f}, gptq w4 g64 {gptq:.2f}")
     assert dense < gptq < rtn
 
