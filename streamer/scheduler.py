@@ -484,7 +484,7 @@ def _output(settings: CompressSettings, staged: StagedModel, run: Run, specs: li
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
             name = non_block[writer.state.written]
-            writer.write(name, staged.checkpoint.read([name])[name])
+            writer.write(name, staged.read_for_copy(name))
         yield writer
     finally:
         writer.close()
