@@ -107,6 +107,7 @@ class StagedModel:
         self.blocks: nn.ModuleList = self.model.get_submodule(self.adapter.blocks)
         self._names: dict[str, str] = {}
         self._new: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # checkpoint name -> (dtype, shape)
+        self._read_ahead: dict[str, torch.Tensor] = {}  # read for the output copy, kept for the pre-block stage
         for name, tensor in self.model.state_dict().items():
             self._names[name] = self._new_name(name, tensor) if name not in before else self._checkpoint_name(name)
         self._check_modules()
@@ -221,7 +222,17 @@ class StagedModel:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors' bytes from disk, keyed by checkpoint name (touches no module: fine on a thread).
         Tensors the config changes added are not on disk: `place` makes them."""
-        return self.checkpoint.read([name for name in dict.fromkeys(self.checkpoint_names(names)) if name not in self._new])
+        wanted = [name for name in dict.fromkeys(self.checkpoint_names(names)) if name not in self._new]
+        kept = {name: self._read_ahead.pop(name) for name in wanted if name in self._read_ahead}
+        return {**kept, **self.checkpoint.read([name for name in wanted if name not in kept])}
+
+    def read_for_copy(self, checkpoint_name: str) -> torch.Tensor:
+        """A tensor outside the blocks, read to be copied to the output as it is; what the pre-block stage needs of
+        it (the embeddings) is kept for that stage, which comes next, so that every input byte is read once."""
+        tensor = self.checkpoint.read([checkpoint_name])[checkpoint_name]
+        if checkpoint_name in self.checkpoint_names(self.pre_stage_names()):
+            self._read_ahead[checkpoint_name] = tensor
+        return tensor
 
     def place(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
         """Put tensors read by `read` into the skeleton on the device, floating ones in the compute dtype (tensors

@@ -439,10 +439,12 @@ def check_reconstruction(settings: CompressSettings, staged: StagedModel) -> Non
     subsets = settings.reconstruction.subsets
     if not settings.reconstruction.enabled:
         return
-    if settings.target.quant is not None:
-        raise LayerpressError("--reconstruct trains the weights off the quantization grid: leave out --wbits")
-    if settings.format != "dense":
-        raise LayerpressError(f"--reconstruct writes trained dense weights: use --format dense, not {settings.format}")
+    update = settings.reconstruction.weight_update
+    if settings.target.quant is not None and update is not None:
+        raise LayerpressError(f"--reconstruct {update} would move quantized weights off their grid: with --wbits, "
+                              "train only biases and norms")
+    if update == "lora" and settings.format != "dense":
+        raise LayerpressError(f"--reconstruct lora fills pruned weights in: --format {settings.format} needs the zeros")
     if "biases" in subsets and all(layer.bias is None for layer in staged.linears(staged.blocks[0]).values()):
         raise LayerpressError(f"--reconstruct biases: this {staged.config.model_type} model has no biases and no "
                               "config flag that gives its linear layers some")
@@ -507,7 +509,7 @@ def _output(settings: CompressSettings, staged: StagedModel, run: Run, specs: li
         non_block = staged.non_block_checkpoint_names()
         while writer.state.written < len(non_block):  # copied bit for bit, before the first block
             name = non_block[writer.state.written]
-            writer.write(name, staged.checkpoint.read([name])[name])
+            writer.write(name, staged.read_for_copy(name))
         yield writer
     finally:
         writer.close()

@@ -84,3 +84,18 @@ def smollm2() -> Path:
     directory = ROOT / "checkpoints" / "smollm2-135m"
     convert(bundled_smollm2(), directory, torch.float32, "100MB")
     return directory
+
+
+def perplexity(model: Path, windows: int, seqlen: int = 512) -> float:
+    """WikiText-2 test perplexity of `model` on its first `windows` windows, through `main.py eval` on the CPU."""
+    import contextlib
+    import io
+    import json
+
+    import main
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        assert main.main(["-q", "eval", "--model", str(model), "--seqlen", str(seqlen), "--windows", str(windows),
+                          "--device", "cpu"]) == 0
+    return json.loads(captured.getvalue().splitlines()[-1])["ppl"]

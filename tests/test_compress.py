@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import main
 from methods import METHODS, Method, Target
 from streamer.adapters import adapter_for
+from streamer.checkpoint import Checkpoint
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
 from tests.reference import compress_in_memory
@@ -96,6 +97,14 @@ def test_output_is_a_loadable_pruned_checkpoint(tiny_checkpoints, tmp_path, cali
     record = json.loads((out / "config.json").read_text())["layerpress"]
     assert record["method"] == "sparsegpt" and record["sparsity"] == 0.6
     assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_input_byte_is_read_once(tiny_checkpoints, tmp_path, calib_text, family):
+    model = tiny_checkpoints[family]
+    run_compress(model, tmp_path / "out", calib_text, "--method", "wanda")
+    summary = json.loads((tmp_path / "out" / ".layerpress" / "journal.json").read_text())["body"]["summary"]
+    assert summary["bytes_read"] == sum(entry.nbytes for entry in Checkpoint(model).entries.values())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

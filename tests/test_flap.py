@@ -18,7 +18,7 @@ from streamer.data import calibration_windows, load_text, load_tokenizer, tokeni
 from streamer.checkpoint import Checkpoint
 from streamer.model import StagedModel, load_model
 from streamer.structure import STRUCTURE_KEY
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, perplexity
 from tests.reference import structured_in_memory
 
 NSAMPLES, SEQLEN = 4, 32
@@ -248,11 +248,6 @@ def test_compensated_first_attention_has_the_dense_mean_output_on_the_calibratio
     torch.testing.assert_close(means["pruned"], means["dense"], rtol=0, atol=1e-5)
 
 
-def real_perplexity(model, capsys) -> float:
-    assert main.main(["-q", "eval", "--model", str(model), "--seqlen", "512", "--windows", "8", "--device", "cpu"]) == 0
-    return json.loads(capsys.readouterr().out.splitlines()[-1])["ppl"]
-
-
 @pytest.mark.slow
 def test_flap_beats_the_wanda_style_structured_baseline_on_smollm2(smollm2, tmp_path, capsys):
     """SmolLM2-135M, 20% of its heads' and channels' parameters removed; calibration 16 x 256 of WikiText-2 valid,
@@ -263,8 +258,8 @@ def test_flap_beats_the_wanda_style_structured_baseline_on_smollm2(smollm2, tmp_
         out = tmp_path / name
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(out), "--method", "flap",
                           "--ratio", "0.2", *options, "--nsamples", "16", "--seqlen", "256", "--device", "cpu"]) == 0
-        pruned[name] = real_perplexity(out, capsys)
-    dense = real_perplexity(smollm2, capsys)
+        pruned[name] = perplexity(out, 8)
+    dense = perplexity(smollm2, 8)
     print(f"SmolLM2 8x512 perplexity: dense {dense:.2f}, " + ", ".join(f"{k} {v:.2f}" for k, v in pruned.items()))
     assert dense < pruned["flap"] < pruned["wanda-sp"], pruned
     generated = load_model(tmp_path / "flap").generate(torch.tensor([[1, 504, 3303]]), max_new_tokens=8, do_sample=False)

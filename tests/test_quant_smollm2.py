@@ -1,15 +1,13 @@
 """Quantization on the real model: SmolLM2-135M (pretrained, Llama architecture), a small protocol to stay fast.
 
-Marked slow; CI runs it. Calibration 16 windows x 512 of WikiText-2 valid (seed 0): with fewer tokens than ~4 per
-input feature, GPTQ fits the calibration set and does worse than RTN on other text (down_proj has 1536 inputs).
-Evaluation on the first 8 windows x 512 of WikiText-2 test. The full benchmark is tools/bench_quant.py.
+Marked slow; CI runs it. Calibration 16 windows x 512 of WikiText-2 valid (seed 0); evaluation on the first 8
+windows x 512 of WikiText-2 test. The full benchmark is tools/bench_quant.py. GPTQ runs with --act-order and
+--true-sequential, as its authors advise for Llama models: SmolLM2 has a few input channels with huge activations, and
+in natural order GPTQ gains little over RTN on it (measured: 42.85 with --true-sequential alone, 39.57 with both,
+RTN 43.42).
 """
 
 from __future__ import annotations
-
-import contextlib
-import io
-import json
 
 import pytest
 import torch
@@ -18,35 +16,21 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import main
 from streamer.decompress import open_checkpoint
-from tests.conftest import ROOT
-from tools.convert_gguf import bundled_smollm2, convert
+from tests.conftest import perplexity
 
 pytestmark = pytest.mark.slow
 PROTOCOL = ["--seqlen", "512", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The converted checkpoint, made once and kept under checkpoints/ (git-ignored) for later runs."""
-    directory = ROOT / "checkpoints" / "smollm2-135m"
-    convert(bundled_smollm2(), directory, torch.float32, "100MB")
-    return directory
-
-
-def perplexity(model) -> float:
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        assert main.main(["-q", "eval", "--model", str(model), "--windows", "8", *PROTOCOL]) == 0
-    return json.loads(captured.getvalue().splitlines()[-1])["ppl"]
-
-
 def test_gptq_beats_rtn_and_its_packed_output_loads_with_compressed_tensors(smollm2, tmp_path):
     quantization = ["--wbits", "4", "--groupsize", "64"]  # 64 divides SmolLM2's 576 and 1536 input features
     # rtn uses no calibration data: one window only makes its (unused) pass short
-    for method, fmt, nsamples in (("rtn", "dense", "1"), ("gptq", "packed", "16")):
+    runs = {"rtn": ["--format", "dense", "--nsamples", "1"],
+            "gptq": ["--format", "packed", "--nsamples", "16", "--act-order", "--true-sequential"]}
+    for method, options in runs.items():
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(tmp_path / method), "--method",
-                          method, *quantization, "--format", fmt, "--nsamples", nsamples, *PROTOCOL]) == 0
-    dense, rtn, gptq = perplexity(smollm2), perplexity(tmp_path / "rtn"), perplexity(tmp_path / "gptq")
+                          method, *quantization, *options, *PROTOCOL]) == 0
+    dense, rtn, gptq = perplexity(smollm2, 8), perplexity(tmp_path / "rtn", 8), perplexity(tmp_path / "gptq", 8)
     print(f"SmolLM2 8x512 perplexity: dense {dense:.2f}, rtn w4 g64 {rtn:.2f}, gptq w4 g64 {gptq:.2f}")
     assert dense < gptq < rtn
 

@@ -104,6 +104,28 @@ def test_biases_are_refused_where_the_family_cannot_have_them(tiny_checkpoints, 
     assert "no biases" in capsys.readouterr().err
 
 
+def test_weight_updates_are_refused_with_quantization(tiny_checkpoints, tmp_path, calib_text, capsys):
+    argv = ["compress", "--model", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / "out"), "--calib",
+            str(calib_text), "--device", "cpu", "--wbits", "4", "--reconstruct", "norms,masklora"]
+    assert main.main(argv) == 1
+    assert "off their grid" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_weights_stay_on_their_grid_when_norms_and_biases_are_trained(tiny_checkpoints, tmp_path,
+                                                                                 calib_text):
+    """Block 0 sees the same inputs with and without reconstruction, so its packed integers must be the same; the
+    trained norms and biases are what changes."""
+    model, quantized = tiny_checkpoints["llama"], ["--method", "gptq", "--wbits", "4", "--format", "packed"]
+    run_compress(model, tmp_path / "plain", calib_text, *quantized)
+    run_compress(model, tmp_path / "recon", calib_text, *quantized, "--reconstruct", "biases,norms", *FAST)
+    plain, recon = load_state(tmp_path / "plain"), load_state(tmp_path / "recon")
+    packed = [name for name in plain if name.startswith("model.layers.0.") and name.endswith("weight_packed")]
+    assert packed and all(torch.equal(plain[name], recon[name]) for name in packed)
+    assert not torch.equal(plain["model.layers.0.input_layernorm.weight"], recon["model.layers.0.input_layernorm.weight"])
+    assert "model.layers.0.mlp.down_proj.bias" in recon
+
+
 def calibration(model_dir, calib_text) -> torch.Tensor:
     return calibration_windows(tokenize(load_tokenizer(model_dir), load_text(calib_text)), NSAMPLES, SEQLEN, 0)
 

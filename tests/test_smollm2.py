@@ -6,44 +6,22 @@ on the first 16 windows x 512 of WikiText-2 test.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-
 import pytest
-import torch
 
 import main
-from tests.conftest import ROOT
-from tools.convert_gguf import bundled_smollm2, convert
+from tests.conftest import perplexity
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The converted checkpoint, made once and kept under checkpoints/ (git-ignored) for later runs."""
-    directory = ROOT / "checkpoints" / "smollm2-135m"
-    convert(bundled_smollm2(), directory, torch.float32, "100MB")
-    return directory
-
-
-def perplexity(model) -> float:
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        assert main.main(["-q", "eval", "--model", str(model), "--seqlen", "512", "--windows", "16",
-                          "--device", "cpu"]) == 0
-    return json.loads(captured.getvalue().splitlines()[-1])["ppl"]
-
-
 def test_sparsegpt_beats_wanda_beats_magnitude_at_half_sparsity(smollm2, tmp_path):
-    dense = perplexity(smollm2)
+    dense = perplexity(smollm2, 16)
     assert dense < 40, "the converted SmolLM2 should model WikiText-2 well"
     pruned = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         out = tmp_path / method
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(out), "--method", method,
                           "--sparsity", "0.5", "--nsamples", "16", "--seqlen", "512", "--device", "cpu"]) == 0
-        pruned[method] = perplexity(out)
+        pruned[method] = perplexity(out, 16)
     print(f"SmolLM2 16x512 perplexity: dense {dense:.2f}, " + ", ".join(f"{k} {v:.2f}" for k, v in pruned.items()))
     assert dense < pruned["sparsegpt"] < pruned["wanda"] < pruned["magnitude"], pruned

@@ -6,34 +6,13 @@ around a minute on two CPU cores.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-
 import pytest
-import torch
 
 import main
-from tests.conftest import ROOT
-from tools.convert_gguf import bundled_smollm2, convert
+from tests.conftest import perplexity
 
 pytestmark = pytest.mark.slow
 WINDOWS = ["--seqlen", "512", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """The converted checkpoint, made once and kept under checkpoints/ (git-ignored) for later runs."""
-    directory = ROOT / "checkpoints" / "smollm2-135m"
-    convert(bundled_smollm2(), directory, torch.float32, "100MB")
-    return directory
-
-
-def perplexity(model) -> float:
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        assert main.main(["-q", "eval", "--model", str(model), "--windows", "8", *WINDOWS]) == 0
-    return json.loads(captured.getvalue().splitlines()[-1])["ppl"]
 
 
 def test_reconstruction_repairs_magnitude_pruning(smollm2, tmp_path):
@@ -43,6 +22,6 @@ def test_reconstruction_repairs_magnitude_pruning(smollm2, tmp_path):
         out = tmp_path / name
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(out), "--method", "magnitude",
                           "--sparsity", "0.5", "--nsamples", "8", *WINDOWS, *extra]) == 0
-        ppl[name] = perplexity(out)
+        ppl[name] = perplexity(out, 8)
     print(f"SmolLM2 magnitude 50%, 8x512 perplexity: {ppl}")
     assert ppl["reconstructed"] < 0.5 * ppl["plain"], ppl

@@ -29,14 +29,18 @@ PROTOCOL = ["--seqlen", "512"]
 CALIBRATION = ["--nsamples", "32", "--seed", "0"]
 EVALUATION = ["--windows", "32"]
 W4G128 = ["--wbits", "4", "--groupsize", "128"]
+ORDERED = ["--act-order", "--true-sequential"]  # GPTQ's advice for Llama models; SmolLM2 needs it (README)
 
 # name -> compress options. SmolLM2's hidden size 576 is not a multiple of 128, which compressed-tensors' packed
 # layout needs, so the packed size is measured with groups of 64 (576 = 9 x 64).
 RUNS: dict[str, list[str]] = {
     "rtn-w4-g128": ["--method", "rtn", *W4G128],
     "gptq-w4-g128": ["--method", "gptq", *W4G128],
+    "gptq-w4-g128-ordered": ["--method", "gptq", *W4G128, *ORDERED],
     "gptq-w4-g64-packed": ["--method", "gptq", "--wbits", "4", "--groupsize", "64", "--format", "packed"],
-    "gptq-w3-g128": ["--method", "gptq", "--wbits", "3", "--groupsize", "128"],
+    "gptq-w4-g64-packed-ordered": ["--method", "gptq", "--wbits", "4", "--groupsize", "64", "--format", "packed",
+                                   *ORDERED],
+    "gptq-w3-g128-ordered": ["--method", "gptq", "--wbits", "3", "--groupsize", "128", *ORDERED],
     "sparsegpt-50-sparse": ["--method", "sparsegpt", "--sparsity", "0.5", "--format", "sparse"],
     "sparsegpt-50-w4-g128-sparse": ["--method", "sparsegpt", "--sparsity", "0.5", *W4G128, "--format", "sparse"],
     "sparsegpt-70-w4-g128-sparse": ["--method", "sparsegpt", "--sparsity", "0.7", *W4G128, "--format", "sparse"],

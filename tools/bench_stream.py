@@ -1,7 +1,7 @@
 """Benchmarks of the streaming spine and of resume (not timed tests: figures for the closing notes).
 
     python tools/bench_stream.py quality  [--out runs/bench]   # SmolLM2 perplexity: dense, magnitude, wanda, sparsegpt
-    python tools/bench_stream.py memory   [--out runs/bench]   # peak RSS of compress at depth 4 vs 16, same width
+    python tools/bench_stream.py memory   [--out runs/bench]   # peak RSS of compress (wanda) at depth 4 vs 16, same width
     python tools/bench_stream.py offload  [--out runs/bench]   # peak RSS and time with/without --offload-activations
     python tools/bench_stream.py resume   [--out runs/bench]   # seconds from restart to the next block
 
@@ -136,8 +136,8 @@ def bench_memory(out: Path) -> dict:
     for depth in (4, 16):
         model = out / f"random-llama-1024-d{depth}"
         size = random_llama(model, depth)
-        target = out / f"random-llama-1024-d{depth}-sparsegpt"
-        run = run_measured(["-q", "compress", "--model", str(model), "--out", str(target), "--method", "sparsegpt",
+        target = out / f"random-llama-1024-d{depth}-wanda"
+        run = run_measured(["-q", "compress", "--model", str(model), "--out", str(target), "--method", "wanda",
                             "--sparsity", "0.5", "--nsamples", "16", "--seqlen", "512", "--device", "cpu", "--restart"])
         body = journal(target)
         results[f"depth {depth}"] = {
