@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
+from . import hostmemory
 from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import LayerpressError
@@ -269,7 +270,10 @@ class StagedModel:
         return self.model
 
     def release_block(self, index: int) -> None:
+        """Free block `index` and give its memory back to the OS (streamer/hostmemory.py: else host memory grows
+        with the number of blocks)."""
         self.release(self.block_names(index))
+        hostmemory.trim()
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors under their checkpoint names, in the checkpoint's dtypes, on the CPU."""
