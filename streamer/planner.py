@@ -574,11 +574,13 @@ class Plan:
 
     @property
     def device_peak(self) -> int:
-        return max(phase.device_peak for phase in self.phases)
+        """The highest device memory of the phases the run goes through (not the head of a later eval)."""
+        return max(phase.device_peak for phase in self.phases if phase.required)
 
     @property
     def host_peak(self) -> int:
-        return max(phase.host_peak for phase in self.phases)
+        """The highest host memory of the phases the run goes through (not the head of a later eval)."""
+        return max(phase.host_peak for phase in self.phases if phase.required)
 
     def summary(self) -> str:
         """One line for compress's log."""
