@@ -107,7 +107,6 @@ class CompressSettings:
             **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
         }
 
-
     def quantization_record(self) -> dict[str, Any] | None:
         """The grid of every layer; with a bits policy, bits null (each layer's are in `layer_bits`)."""
         if self.target.quant is None:

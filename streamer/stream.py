@@ -232,13 +232,14 @@ def walk_blocks(
     start = run.blocks_done
     if start:
         log.info("resuming at block %d of %d", start + 1, staged.num_blocks)
-    for index in tqdm(range(start, staged.num_blocks), initial=start, total=staged.num_blocks, desc=desc,
-                      unit="block", disable=None):
-        clock = time.perf_counter()
-        block = staged.load_block(index)
-        timing = {"read": time.perf_counter() - clock}
-        clock = time.perf_counter()
-        record = process(index, block)
-        timing[desc] = time.perf_counter() - clock
+    bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
+    for index in range(start, staged.num_blocks):
+        phase = Phases(index, bar)
+        with phase("read"):
+            block = staged.load_block(index)
+        with phase(desc):
+            record = process(index, block)
         staged.release_block(index)
-        run.record_block(index, None, record, timing)
+        run.record_block(index, None, record, phase.seconds)
+        bar.update(1)
+    bar.close()
