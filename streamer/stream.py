@@ -183,8 +183,9 @@ def stream_blocks(
             phase = Phases(index, bar)
             with phase("read"):  # with prefetch: the time spent waiting for a read that ran during the last block
                 tensors = upcoming.result() if upcoming is not None else staged.read_block(index)
-                if upcoming is not None and index + 1 < staged.num_blocks:
-                    upcoming = reader.submit(staged.read_block, index + 1)
+                # a finished future keeps its result: drop it, or the last block's stored copy stays all block long
+                upcoming = reader.submit(staged.read_block, index + 1) \
+                    if upcoming is not None and index + 1 < staged.num_blocks else None
                 block = staged.load_block(index, tensors)
             del tensors
             context = BlockContext(index, block, staged, acts, extras, options.device, phase)
