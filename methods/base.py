@@ -81,6 +81,8 @@ class LayerCost:
 
     The memory planner (streamer/planner.py) sums these; the statistic's own size it measures from the statistic.
     working_bytes: peak of the copies, factors, masks and the result while `compress` runs;
+    kept_bytes: what the returned LayerResult holds besides the weight (its mask, its grid integers): it stays until
+        the block is written, so the planner adds it for every layer compressed before the one it looks at;
     factored: side of the largest square matrix factorized in place (0: none); CUDA's solvers copy it once more;
     matmul_flops, factor_flops: float32 matrix-product and factorization work of `compress`;
     sequential_ops, sequential_bytes: small operations that must run one after another (a column sweep) and the
@@ -90,6 +92,7 @@ class LayerCost:
     """
 
     working_bytes: int
+    kept_bytes: int = 0
     factored: int = 0
     matmul_flops: float = 0.0
     factor_flops: float = 0.0
@@ -156,10 +159,10 @@ class Method(MethodOptions):
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """Memory and work of `compress` on a (rows, columns) layer of `dtype` for `target`, for the planner.
 
-        The default is a generic guess (a float32 score, a selection of the same size and the result); methods
-        override it with their own accounting.
+        The default is a generic guess (a float32 score, a selection of the same size and the result, which keeps
+        a byte per weight: a mask or grid integers); methods override it with their own accounting.
         """
-        return LayerCost(working_bytes=rows * columns * (3 * 4 + dtype.itemsize))
+        return LayerCost(working_bytes=rows * columns * (3 * 4 + dtype.itemsize), kept_bytes=rows * columns)
 
 
 @dataclass

@@ -41,6 +41,6 @@ class Magnitude(Method):
         return LayerResult(weight.masked_fill(mask, 0), mask)
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
-        """|W| in float32, the selection, the result."""
+        """|W| in float32, the selection, the result (and its mask, kept)."""
         selection = selection_bytes(rows, columns, target, per_row=self.scope == "row")
-        return LayerCost(working_bytes=rows * columns * (4 + dtype.itemsize) + selection)
+        return LayerCost(working_bytes=rows * columns * (4 + dtype.itemsize) + selection, kept_bytes=rows * columns)

@@ -206,10 +206,13 @@ class HessianSweep(Method):
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
         product (up to the weight's size), or at the end the result in `dtype`; the column loop touches a
-        rows × blocksize tile about ten times per column. A quantization grid adds a byte per weight."""
+        rows × blocksize tile about ten times per column. A quantization grid adds a byte per weight. The mask
+        (and the grid integers) are kept with the result."""
         weight = rows * columns
+        kept = weight + (QuantRecord.nbytes_for(rows, columns, target.quant, dtype) if target.quant else 0)
         return LayerCost(
             working_bytes=4 * columns * columns + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
+            kept_bytes=kept,
             factored=columns,
             matmul_flops=float(rows) * columns * columns,
             factor_flops=4.0 / 3.0 * float(columns) ** 3,

@@ -120,6 +120,11 @@ class QuantRecord:
         """The weight these integers stand for, in the scale's dtype (the layer's)."""
         return read_grid(self.ints, self.scale, self.zero, self.g_idx)
 
+    @staticmethod
+    def nbytes_for(rows: int, columns: int, spec: QuantSpec, dtype: torch.dtype) -> int:
+        """Memory of the record of a (rows, columns) layer of `dtype`, for the memory planner."""
+        return rows * columns + rows * spec.groups(columns) * (dtype.itemsize + 1) + columns * 8
+
 
 def read_grid(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """Dense weight of grid integers (rows, columns), rounded once from float32 to the scale's dtype.

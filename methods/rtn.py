@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
-from .base import LayerResult, Method, Statistic, Target
-from .quant import round_to_nearest
+from .base import LayerCost, LayerResult, Method, Statistic, Target
+from .quant import QuantRecord, round_to_nearest
 
 
 @dataclass
@@ -29,3 +30,8 @@ class RTN(Method):
         self.check(target)
         record = round_to_nearest(layer.weight.detach(), target.quant)
         return LayerResult(record.dequantize(), info={}, quant=record)
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """The generic working memory; the result keeps its grid record."""
+        generic = super().layer_cost(rows, columns, dtype, target)
+        return replace(generic, kept_bytes=QuantRecord.nbytes_for(rows, columns, target.quant, dtype))

@@ -31,9 +31,11 @@ class Wanda(Method):
         return LayerResult(weight.masked_fill(mask, 0), mask)
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
-        """The float32 scores, the selection, the result; the statistic squares each input (float32)."""
+        """The float32 scores, the selection, the result (and its mask, kept); the statistic squares each input
+        (float32)."""
         return LayerCost(
             working_bytes=rows * columns * (4 + dtype.itemsize) + selection_bytes(rows, columns, target, per_row=True),
+            kept_bytes=rows * columns,
             update_flops_per_token=2.0 * columns,
             update_bytes_per_token=4 * columns * (1 if dtype == torch.float32 else 2),
         )

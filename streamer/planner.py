@@ -11,16 +11,17 @@ What each phase holds at its peak, besides the process itself and the activation
     embed      the pre-block stage and one micro-batch through it
     read       the block arriving (and its stored copy, when it goes to a GPU or changes dtype)
     observe    the block, the statistics observed together, the forward's transients, a statistic's input copy
-    compress   the block, the statistics still waiting, one layer's working memory
-    write      the block and its host copy in the stored dtypes
-    propagate  the block and the forward's transients
+    compress   the block, the statistics still waiting, one layer's working memory, the results kept so far
+    write      the block, its host copy in the stored dtypes, every layer's kept result (masks, grid integers)
+    propagate  the block and the forward's transients; that host copy, which the writer thread is writing meanwhile
     eval head  the final stage and one micro-batch of logits (when the output is evaluated)
 
-With prefetch, every block phase also holds one block read ahead and one block being written behind (host).
+With prefetch, every block phase also holds the next block, read ahead (host).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from torch import nn
 from methods import Method, Target
 from methods.base import LayerCost, Statistic
 
+from . import hostmemory
 from .errors import LayerpressError
 from .model import StagedModel
 
@@ -57,10 +59,15 @@ CUDA_CONTEXT_BYTES = 1 * GiB
 CUDA_HOST_RUNTIME_BYTES = 2 * GiB
 DEVICE_MARGIN = 0.05
 ACTIVATION_PLACES = ("device", "host", "disk")
+KEPT_RESULTS = "results kept for the write"  # masks and grid integers of the layers compressed so far
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now: the baseline every phase adds to (torch, transformers, the skeleton)."""
+    """This process's live resident memory now: the baseline every phase adds to (torch, transformers, the skeleton,
+    the tokenizer). Freed memory is given back first: after tokenizing the calibration text, glibc still held 66 MiB
+    of freed arenas that the run reuses, and counting them made the plan of a SmolLM2 compress 11% too high."""
+    gc.collect()
+    hostmemory.trim()
     return psutil.Process().memory_info().rss
 
 
@@ -294,8 +301,7 @@ class Planner:
                 device = {}
             return PhaseMemory(name, {k: v for k, v in device.items() if v}, {k: v for k, v in host.items() if v})
 
-        pipeline = {"block read ahead": s.block_stored_bytes, "block written behind": s.block_stored_bytes} \
-            if self.prefetch else {}
+        pipeline = {"block read ahead": s.block_stored_bytes} if self.prefetch and s.blocks > 1 else {}
         masks = {"block call masks": choice.micro_batch * w.seqlen * w.seqlen * 4}
         block = {"block": s.block_bytes, **masks}
         result = [
@@ -305,40 +311,52 @@ class Planner:
         ]
         if w.method is not None:
             observe, compress = self._statistics_peaks(choice, tokens)
+            results = {KEPT_RESULTS: sum(layer.cost.kept_bytes for layer in self.block_layers())}
             result.append(phase("observe", {**block, **observe}, pipeline))
             result.append(phase("compress", {**block, **compress}, pipeline))
-            result.append(phase("write", dict(block), {"block copy to write": staging, **pipeline}))
+            result.append(phase("write", {**block, **results}, {"block copy to write": staging, **pipeline}))
+        writing = {"block being written": staging} if w.method is not None else {}
         result.append(phase("propagate", {**block, "forward transients": self.forward_transient(choice.micro_batch)},
-                            pipeline))
+                            {**writing, **pipeline}))
         logits = tokens * s.vocab * (s.dtype.itemsize + 4 + 4)  # logits, in float32, log-softmax
         head = phase("eval head", {"final stage": s.head_bytes, "logits of a micro-batch": logits})
         head.required = w.method is None
         return result + [head]
 
+    def block_layers(self) -> list[LayerNeeds]:
+        return [self.layers[name] for group in self.shapes.groups for name in group]
+
     def _statistics_peaks(self, choice: Choice, tokens: int) -> tuple[dict[str, int], dict[str, int]]:
-        """The largest observe and compress parts over every group and layer, as the scheduler holds them."""
+        """The largest observe and compress parts over every group and layer, as the scheduler holds them: the
+        results of the layers compressed before stay until the block is written."""
         transient = self.forward_transient(choice.micro_batch)
         observe_peaks: list[dict[str, int]] = []
         compress_peaks: list[dict[str, int]] = []
+        kept_before_group = 0
         for group in self.shapes.groups:
             needs = [self.layers[name] for name in group]
             for index, layer in enumerate(needs):
                 waiting = layer.statistic if choice.per_layer_statistics else sum(n.statistic for n in needs[index:])
                 factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
+                done = needs[index + 1:] if choice.per_layer_statistics else needs[:index]  # per layer: backwards
+                kept = kept_before_group + sum(n.cost.kept_bytes for n in done)
                 compress_peaks.append({
                     "statistics": waiting,
                     f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
+                    KEPT_RESULTS: kept,
                 })
                 if choice.per_layer_statistics:
                     observe_peaks.append({
                         "statistics": layer.statistic, "forward transients": transient,
-                        "statistic input copy": tokens * layer.cost.update_bytes_per_token,
+                        "statistic input copy": tokens * layer.cost.update_bytes_per_token, KEPT_RESULTS: kept,
                     })
             if not choice.per_layer_statistics:
                 observe_peaks.append({
                     "statistics": sum(n.statistic for n in needs), "forward transients": transient,
                     "statistic input copy": tokens * max(n.cost.update_bytes_per_token for n in needs),
+                    KEPT_RESULTS: kept_before_group,
                 })
+            kept_before_group += sum(n.cost.kept_bytes for n in needs)
         return max(observe_peaks, key=lambda p: sum(p.values())), max(compress_peaks, key=lambda p: sum(p.values()))
 
     def shortfall(self, phases: list[PhaseMemory]) -> str | None:
@@ -608,7 +626,7 @@ class Plan:
             f"sizes: largest block {gib(s.block_bytes)} ({gib(s.block_stored_bytes)} stored), activation buffers "
             f"2 x {gib(buffer)}, largest layer {largest.linear.name} ({largest.linear.rows} x "
             f"{largest.linear.columns}): statistic {gib(largest.statistic)}, method working memory "
-            f"{gib(largest.cost.working_bytes)}" + ("; prefetch: one block read ahead, one written behind"
+            f"{gib(largest.cost.working_bytes)}" + ("; prefetch: one block read ahead"
                                                      if p.prefetch else "; no prefetch"),
             f"{'phase':10s} {'device peak':>12s} {'host peak':>10s}   largest parts",
         ]

@@ -12,13 +12,14 @@ from transformers import AutoModelForCausalLM
 
 import main
 from methods import METHODS, Target
+from methods.quant import QuantSpec
 from methods.statistics import Gram
 from streamer import planner as planner_module
 from streamer.activations import ActivationBuffer, Activations
 from streamer.checkpoint import Checkpoint
 from streamer.errors import LayerpressError
 from streamer.model import StagedModel
-from streamer.planner import Budget, Choice, ModelShapes, Planner, Speed, Workload
+from streamer.planner import KEPT_RESULTS, Budget, Choice, ModelShapes, Planner, Speed, Workload
 from tests.conftest import TINY_CONFIGS
 from tests.test_resume import output_digest
 
@@ -66,6 +67,32 @@ def test_statistic_sizes_are_the_real_statistics(tiny_checkpoints):
     staged.load_block(0)
     for name, layer in staged.linears(staged.blocks[0]).items():
         assert planner.layers[name].statistic == Gram(layer).nbytes == 4 * layer.in_features**2
+
+
+@pytest.mark.parametrize("method, target", [
+    ("sparsegpt", Target(sparsity=0.5)),
+    ("sparsegpt", Target(sparsity=0.5, quant=QuantSpec(4, 32))),
+    ("gptq", Target(quant=QuantSpec(4, 32))),
+    ("rtn", Target(quant=QuantSpec(4))),
+    ("wanda", Target(sparsity=0.5)),
+    ("magnitude", Target(sparsity=0.5)),
+])
+def test_the_write_phase_counts_the_masks_and_grids_the_results_keep(tiny_checkpoints, method, target):
+    """Each layer's result keeps its mask and grid record until the block is written: the plan holds their size."""
+    workload = Workload(METHODS[method](), target, 4, 32)
+    planner = Planner(shapes_of(tiny_checkpoints["llama"]), workload, "cpu", Budget(BIG, BIG))
+    write = next(phase for phase in planner.phases(Choice(1, "host", False)) if phase.name == "write")
+    staged = StagedModel(Checkpoint(tiny_checkpoints["llama"]), torch.device("cpu"))
+    staged.load_block(0)
+    kept = 0
+    for layer in staged.linears(staged.blocks[0]).values():
+        statistic = workload.method.statistic(layer)
+        if statistic is not None:
+            statistic.update(torch.randn(32, layer.in_features))
+        result = workload.method.compress(layer, statistic, target)
+        parts = [result.mask, *(vars(result.quant).values() if result.quant is not None else ())]
+        kept += sum(part.nbytes for part in parts if isinstance(part, torch.Tensor))
+    assert write.host[KEPT_RESULTS] == kept
 
 
 def test_more_calibration_needs_more_memory_and_a_wider_model_too(tiny_checkpoints):
