@@ -13,20 +13,25 @@ killed if the machine's available memory falls under 3 GiB (the machine is share
 predicted peak is available. It reports the peak RSS of that process (wait4) against the peak the run's own plan
 predicted (logged by compress), the wall time, the seconds of each phase (from the run's journal), and the plan's
 time estimate for the same run on this machine; results go to OUT/fullwidth.json.
+
+The whole model on a GPU, from a shape-only checkpoint and a file of throughput figures for that GPU (measured there
+with `main.py plan --save-speed FILE`, or assumed, as tools/speeds/a100-80gb-assumed.json is and says):
+
+    python main.py plan --model runs/fullwidth/opt-175b --method sparsegpt --nsamples 128 --seqlen 2048 \
+        --device cuda --device-memory 80GiB --host-memory 64GiB --speed tools/speeds/a100-80gb-assumed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.bench_stream import journal, phase_shares, run_measured  # noqa: E402
+from tools.bench_stream import journal, phase_shares, predicted_peak, run_measured  # noqa: E402
 
 MIN_AVAILABLE = 3 * 2**30
 GiB = 2**30
@@ -91,13 +96,6 @@ def write_shape_only(config, out: Path, max_shard_bytes: int = 5 * 10**9) -> Non
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(out)
     print(f"{out}: shape only, {len(shards)} shards of holes, {total / GiB:.0f} GiB as float16")
-
-
-def predicted_peak(output: str) -> int:
-    match = re.search(r"plan: .*predicted host peak ([0-9.]+) (GiB|MiB)", output)
-    if not match:
-        sys.exit("the compress log has no plan line")
-    return int(float(match.group(1)) * (GiB if match.group(2) == "GiB" else 2**20))
 
 
 def run(model: Path, out: Path, nsamples: int, seqlen: int, dtype: str | None, extra: list[str]) -> dict:

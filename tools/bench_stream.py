@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,18 +30,21 @@ PROTOCOL_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--seed", "0"]
 PROTOCOL_EVALUATION = ["--seqlen", "512", "--windows", "32"]
 
 
-def run_measured(argv: list[str], niceness: int = 0, min_available: int | None = None) -> dict:
-    """Run `python main.py ARGV`: wall seconds, peak RSS of exactly that child (os.wait4 on its pid), output.
+def run_measured(
+    argv: list[str], niceness: int = 0, min_available: int | None = None, script: str = "main.py",
+    cgroup: Path | None = None,
+) -> dict:
+    """Run `python SCRIPT ARGV`: wall seconds, peak RSS of exactly that child (os.wait4 on its pid), output.
 
     niceness: run it at that lower priority; min_available: kill it if the machine's available memory drops
-    below this many bytes (the machine is shared), and fail saying so.
+    below this many bytes (the machine is shared), and fail saying so; cgroup: start it inside this (v1) cgroup.
     """
     import psutil
 
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
+        [sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: _enter(niceness, cgroup),
     )
     starved, finished = threading.Event(), threading.Event()
 
@@ -57,10 +61,26 @@ def run_measured(argv: list[str], niceness: int = 0, min_available: int | None =
     _, status, usage = os.wait4(process.pid, 0)
     finished.set()
     if starved.is_set():
-        sys.exit(f"aborted: available memory fell under {min_available / 2**30:.1f} GiB: main.py {' '.join(argv)}")
+        sys.exit(f"aborted: available memory fell under {min_available / 2**30:.1f} GiB: {script} {' '.join(argv)}")
     if status:
-        sys.exit(f"failed: main.py {' '.join(argv)}\n{output[-3000:]}")
+        sys.exit(f"failed: {script} {' '.join(argv)}\n{output[-3000:]}")
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024, "output": output}
+
+
+def _enter(niceness: int, cgroup: Path | None) -> None:
+    """In the child before it runs: lower its priority, move it into the cgroup."""
+    if niceness:
+        os.nice(niceness)
+    if cgroup is not None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def predicted_peak(output: str) -> int:
+    """The host peak, in bytes, that a compress run's own plan predicted (the plan line of its log)."""
+    match = re.search(r"plan: .*predicted host peak ([0-9.]+) (GiB|MiB)", output)
+    if not match:
+        sys.exit("the compress log has no plan line")
+    return int(float(match.group(1)) * (2**30 if match.group(2) == "GiB" else 2**20))
 
 
 def journal(out: Path) -> dict:
