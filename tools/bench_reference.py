@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from tools.bench_stream import (  # noqa: E402
 )
 
 NSAMPLES, SEQLEN, SPARSITY = 32, 512, 0.5
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def rotary_for_layers(model) -> None:
@@ -63,8 +61,9 @@ def reference_child(reference: Path, out: Path) -> None:
     sys.path.insert(0, str(reference))
     import llama  # the reference's module: it star-imports its sparsegpt, modelutils and quant modules
 
-    from streamer.data import CalibrationOptions
     from streamer.checkpoint import Checkpoint
+    from streamer.data import CalibrationOptions
+    from streamer.writer import copy_side_files
 
     started = time.perf_counter()
     model = llama.get_llama(str(SMOLLM2))
@@ -80,9 +79,7 @@ def reference_child(reference: Path, out: Path) -> None:
     llama.llama_sequential(model, dataloader, torch.device("cpu"))
     pruned = time.perf_counter() - started
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (SMOLLM2 / name).is_file():
-            shutil.copy(SMOLLM2 / name, out / name)
+    copy_side_files(SMOLLM2, out)  # the tokenizer, as compress copies it to its outputs
     print(json.dumps({"load_calibrate_prune_seconds": pruned}))
 
 
