@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from methods import METHODS, QuantSpec, StructuredMethod, Target
+from methods import METHODS, Method, QuantSpec, Target
 from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
@@ -73,7 +73,12 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--dtype as a torch dtype; None: the checkpoint's."""
+    return COMPUTE_DTYPES[args.dtype] if args.dtype else None
 
 
 def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.device] = parse_device,
@@ -84,7 +89,7 @@ def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.de
                         help="tokens per window, capped at the model's maximum positions (default: 2048)")
     parser.add_argument("--device", type=device, default=torch.device(default_device),
                         help=f"where blocks run: cpu or cuda (default here: {default_device})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=None,
                         help="compute dtype of the blocks (default: the checkpoint's); outputs keep the checkpoint's")
     parser.add_argument("--micro-batch", type=int, default=None if planned else 1,
                         help="windows per block forward (default: " + ("the largest the memory plan fits)"
@@ -222,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
         description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
         "time (flap: remove whole heads and MLP channels, in a statistics pass then a pruning pass; the smaller "
-        "model loads with streamer.load_model). Re-running the same command on a partial output resumes it.",
+        "model loads with streamer.model.load_model). Re-running the same command on a partial output resumes it.",
     )
     add_common(compress, planned=True)
     compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
@@ -345,7 +350,8 @@ def make_target(args: argparse.Namespace) -> Target:
         if not 0 < n < m:
             raise LayerpressError(f"pattern {n}:{m} is impossible: need 0 < N < M (N zeros in every M weights)")
         return Target(pattern=(n, m), quant=quant)
-    default = 0.5 if METHODS[args.method].prunes else 0.0
+    method = METHODS[args.method]
+    default = 0.5 if issubclass(method, Method) and method.prunes else 0.0  # structured methods take --ratio
     sparsity = default if args.sparsity is None else args.sparsity
     if not 0.0 <= sparsity < 1.0:
         raise LayerpressError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -385,31 +391,22 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
     return CalibrationOptions(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
 
 
-def run_compress(args: argparse.Namespace) -> None:
+def compress_settings(args: argparse.Namespace):
+    """compress's command line as its settings (streamer.commands.compress.CompressSettings)."""
     from streamer.allocation import Allocation, BitsPolicy
-    from streamer.scheduler import CompressSettings, compress
+    from streamer.commands.compress import CompressSettings
 
-    method = make_method(args)
     try:
         reconstruction = Reconstruction.from_args(args)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
-    if isinstance(method, StructuredMethod):
-        given = [option for option, value in (("--sparsity", args.sparsity is not None),
-                                              ("--pattern", args.pattern is not None),
-                                              ("--true-sequential", args.true_sequential),
-                                              ("--wbits", args.wbits is not None),
-                                              ("--bits-policy", args.bits_policy is not None)) if value]
-        if given:
-            raise LayerpressError(f"--method {args.method} removes whole heads and channels (--ratio); "
-                                  f"{', '.join(given)} applies to unstructured methods only")
-    settings = CompressSettings(
+    return CompressSettings(
         model=args.model,
         out=args.out,
-        method=method,
-        target=Target() if isinstance(method, StructuredMethod) else make_target(args),
+        method=make_method(args),
+        target=make_target(args),
         calibration=calibration_options(args),
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=compute_dtype(args),
         true_sequential=args.true_sequential,
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
@@ -426,49 +423,40 @@ def run_compress(args: argparse.Namespace) -> None:
         gradients=args.gradients,
         bits=BitsPolicy(args.bits_policy, args.avg_bits, args.bit_choices, args.scores),
     )
-    compress(settings)
+
+
+def run_compress(args: argparse.Namespace) -> None:
+    from streamer.commands.compress import compress
+
+    compress(compress_settings(args))
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from streamer.checkpoint import Checkpoint
-    from streamer.data import capped_seqlen
-    from streamer.model import StagedModel
-    from streamer.planner import ModelShapes, Planner, Speed, Workload, probe_speed
+    from streamer.commands.plan import PlanSettings, plan
 
     method = make_method(args)
-    if isinstance(method, StructuredMethod):
+    if not isinstance(method, Method):
         raise LayerpressError(f"plan covers the per-layer methods; {method.name} holds one block at a time, as they do")
-    checkpoint = Checkpoint(args.model)
-    staged = StagedModel(checkpoint, torch.device("cpu"), DTYPES[args.dtype] if args.dtype else None)
-    workload = Workload(method, make_target(args), args.nsamples, capped_seqlen(args.seqlen, checkpoint.config))
-    planner = Planner(ModelShapes.of(staged, args.true_sequential), workload, args.device.type, budget(args),
-                      prefetch=args.prefetch)
-    plan = planner.choose(
-        micro_batch=args.micro_batch,
-        activations="disk" if args.offload_activations is not None else None,
-        per_layer_statistics=True if args.statistics_per_layer else None,
-    )
-    if args.speed is not None:
-        plan.with_estimate(Speed.load(args.speed))
-    elif args.device.type == "cpu" or torch.cuda.is_available():
-        speed = probe_speed(args.device, staged.dtype)
-        if args.save_speed is not None:
-            speed.save(args.save_speed)
-        plan.with_estimate(speed)
-    print(plan.describe())
-    if plan.estimate is None:
+    result = plan(PlanSettings(
+        model=args.model, method=method, target=make_target(args), nsamples=args.nsamples, seqlen=args.seqlen,
+        device=args.device, budget=budget(args), dtype=compute_dtype(args), true_sequential=args.true_sequential,
+        prefetch=args.prefetch, micro_batch=args.micro_batch, offload=args.offload_activations is not None,
+        statistics_per_layer=args.statistics_per_layer, speed=args.speed, save_speed=args.save_speed,
+    ))
+    print(result.describe())
+    if result.estimate is None:
         print(f"time: no estimate ({args.device.type} is not on this machine: give --speed FILE, measured there)")
 
 
 def run_decompress(args: argparse.Namespace) -> None:
-    from streamer.decompress import decompress
+    from streamer.commands.decompress import decompress
 
     decompress(args.model, args.out, args.max_shard_size, args.restart)
 
 
 def run_scores(args: argparse.Namespace) -> None:
     from methods.scores import Scorer
-    from streamer.scores import ScoreSettings, score
+    from streamer.commands.scores import ScoreSettings, score
 
     try:
         scorer = Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold, args.cca_noise)
@@ -476,19 +464,19 @@ def run_scores(args: argparse.Namespace) -> None:
         raise LayerpressError(str(exc)) from exc
     settings = ScoreSettings(
         model=args.model, out=args.out, scorer=scorer, calibration=calibration_options(args), inputs=args.inputs,
-        dtype=DTYPES[args.dtype] if args.dtype else None, restart=args.restart, stream=stream_options(args),
+        dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
     )
     print(score(settings))
 
 
 def run_gradients(args: argparse.Namespace) -> None:
-    from streamer.gradients import GradientSettings, compute_gradients
+    from streamer.commands.gradients import GradientSettings, compute_gradients
 
     compute_gradients(GradientSettings(
         model=args.model,
         out=args.out,
         calibration=calibration_options(args),
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=compute_dtype(args),
         device=args.device,
         micro_batch=args.micro_batch,
         restart=args.restart,
@@ -496,15 +484,14 @@ def run_gradients(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from streamer.evaluate import perplexity
+    from streamer.commands.evaluate import perplexity
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    result = perplexity(args.model, args.data, args.seqlen, args.windows, dtype, stream_options(args))
+    result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args))
     print(json.dumps(result))
 
 
 def run_status(args: argparse.Namespace) -> None:
-    from streamer.status import describe
+    from streamer.commands.status import describe
 
     print(describe(args.out))
 
@@ -533,5 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `layerpress` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -3,7 +3,7 @@
 A method is made from its settings and knows nothing of files, devices or schedules.
 
 `Method` (unstructured and N:M sparsity) works layer by layer. For each linear layer of the block being compressed,
-the scheduler:
+one block's phases (streamer/block.py):
 1. asks `statistic(layer)` for an accumulator of what the method needs from the layer's inputs (None: nothing);
    a method that declares `precomputed` tensors (made by an earlier pass, e.g. gradient norms) gets them here too;
 2. feeds it every calibration micro-batch's inputs to that layer (`Statistic.update`);
@@ -12,7 +12,7 @@ A target asks for pruning (sparsity or N:M), quantization (a `QuantSpec`), or bo
 any work is done, what the method cannot do.
 
 `StructuredMethod` removes whole units (attention heads, MLP channels) with one decision for the whole model, so it
-works in two passes over the blocks (streamer/structured.py):
+works in two passes over the blocks (streamer/commands/structured.py):
 1. statistics: for each channel group of each block (see streamer/adapters/base.py: ChannelGroup), `statistic` of
    the group's consumer layer is fed its inputs, and `summarize` turns it into a `ChannelSummary`, kept on disk;
 2. `select` sees every group's scores at once and decides which units stay;
@@ -109,7 +109,7 @@ class MethodOptions(ABC):
     summary: ClassVar[str]
     #: Per-weight tensors from an earlier pass over the model that `statistic` takes as keyword arguments, each the
     #: shape of the layer's weight, on its device: "gradient_norms" is ‖∂loss/∂W_ij‖₂ over the calibration windows
-    #: (`main.py gradients`). The scheduler finds them for each layer; most methods need none.
+    #: (`main.py gradients`). The compress command finds them for each layer; most methods need none.
     precomputed: ClassVar[tuple[str, ...]] = ()
 
     @classmethod

@@ -2,7 +2,7 @@
 parameters so that its outputs match the dense block's on the same inputs, then merge the result into the weights.
 
 Subsets (any combination, except that one weight update per matrix is allowed):
-- biases: every linear layer's bias (the scheduler gives bias-less layers zero biases where the family allows);
+- biases: every linear layer's bias (the staged model gives bias-less layers zero biases where the family allows);
 - norms: the LayerNorm/RMSNorm weights and biases;
 - masklora: W + s·(B A ⊙ M), M = (W ≠ 0): the update never touches a pruned weight, so every zero is kept;
 - scalelora: W ⊙ (B A) with B A = 1 at the start: a multiplicative update, zeros stay zeros;

@@ -125,7 +125,6 @@ class Activations:
         step: Callable[[torch.Tensor], torch.Tensor | None],
         device: torch.device,
         keep_outputs: bool = True,
-        progress: Callable[[], None] | None = None,
     ) -> None:
         """Apply `step` to every micro-batch of the inputs (on `device`); store its results as the outputs.
 
@@ -135,8 +134,6 @@ class Activations:
                 result = step(self.inputs.data[batch].to(device))
                 if keep_outputs:
                     self.outputs.data[batch] = result.to(self.outputs.dtype)
-                if progress is not None:
-                    progress()
 
     def swap(self) -> None:
         """The outputs of this block become the inputs of the next."""

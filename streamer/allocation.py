@@ -1,7 +1,7 @@
 """Which sparsity each linear layer gets: the allocation chosen on the command line, applied to one model.
 
 The maths lives in methods/allocation.py; this module feeds it the model's layers (block index and parameter count,
-from the meta skeleton) and, for `score` and `owl`, the per-layer numbers of a score pass (streamer/scores.py).
+from the meta skeleton) and, for `score` and `owl`, the per-layer numbers of a score pass (streamer/commands/scores.py).
 """
 
 from __future__ import annotations

@@ -309,7 +309,8 @@ class StagedModel:
                 modules.append(module)
         return modules
 
-    def _final_names(self) -> list[str]:
+    def final_stage_names(self) -> list[str]:
+        """Model state-dict names of what follows the last block (final norm, head)."""
         names = []
         for path in self.adapter.final:
             names += [n for n in self._names if n.startswith(path + ".")]
@@ -317,12 +318,8 @@ class StagedModel:
 
     def pre_stage_names(self) -> list[str]:
         """Model state-dict names of what the model computes before its first block (embeddings, positions)."""
-        final = set(self._final_names())
+        final = set(self.final_stage_names())
         return [n for n in self._names if not n.startswith(self.adapter.blocks + ".") and n not in final]
-
-    def final_stage_names(self) -> list[str]:
-        """Model state-dict names of what follows the last block (final norm, head)."""
-        return self._final_names()
 
     @contextmanager
     def pre_stage(self) -> Iterator[Embedder]:
@@ -337,7 +334,7 @@ class StagedModel:
     @contextmanager
     def final_stage(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
         """Materialize what follows the last block (final norm, head); yields hidden states -> logits."""
-        names = self._final_names()
+        names = self.final_stage_names()
         self.materialize(names)
         modules = self._final_modules()
 

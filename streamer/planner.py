@@ -71,6 +71,15 @@ def resident_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def process_baseline(device_type: str) -> int:
+    """What this process holds before a run starts: its resident memory, and on a GPU not yet initialized the CUDA
+    libraries it will load into host memory."""
+    size = resident_bytes()
+    if device_type != "cpu" and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        size += CUDA_HOST_RUNTIME_BYTES
+    return size
+
+
 def gib(size: float) -> str:
     """A size as people read it: GiB, or MiB below one GiB."""
     return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
@@ -230,16 +239,13 @@ class Planner:
         workload: Workload,
         device_type: str,
         budget: Budget,
+        process_bytes: int,
         prefetch: bool = True,
-        process_bytes: int | None = None,
     ):
+        """process_bytes: the host memory every phase adds to (see `process_baseline`)."""
         self.shapes, self.workload, self.device_type, self.budget = shapes, workload, device_type, budget
         self.prefetch = prefetch
         self.on_gpu = device_type != "cpu"
-        if process_bytes is None:
-            process_bytes = resident_bytes()
-            if self.on_gpu and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-                process_bytes += CUDA_HOST_RUNTIME_BYTES
         self.process_bytes = process_bytes
         self.layers = {linear.name: self._needs(linear) for linear in shapes.linears}
         self.statistic_dtype = self._statistic_dtype()
@@ -327,7 +333,7 @@ class Planner:
         return [self.layers[name] for group in self.shapes.groups for name in group]
 
     def _statistics_peaks(self, choice: Choice, tokens: int) -> tuple[dict[str, int], dict[str, int]]:
-        """The largest observe and compress parts over every group and layer, as the scheduler holds them: the
+        """The largest observe and compress parts over every group and layer, as streamer/block.py holds them: the
         results of the layers compressed before stay until the block is written."""
         transient = self.forward_transient(choice.micro_batch)
         observe_peaks: list[dict[str, int]] = []
@@ -409,6 +415,31 @@ class Planner:
             if reason is None:
                 return Plan(self, choice, phases)
         raise LayerpressError(f"the run cannot fit: {reason}, even with {choice.describe(self.device_type)}")
+
+
+def plan_run(
+    staged: StagedModel,
+    workload: Workload,
+    device_type: str,
+    budget: Budget,
+    process_bytes: int,
+    true_sequential: bool = False,
+    prefetch: bool = True,
+    micro_batch: int | None = None,
+    offload: bool = False,
+    per_layer_statistics: bool = False,
+) -> Plan:
+    """The plan of a run: what `plan` prints and what `compress` takes its open settings from, made in one place.
+
+    micro_batch, offload (activations on disk), per_layer_statistics: what the user fixed; the rest is chosen.
+    """
+    planner = Planner(ModelShapes.of(staged, true_sequential), workload, device_type, budget, process_bytes,
+                      prefetch=prefetch)
+    return planner.choose(
+        micro_batch=micro_batch,
+        activations="disk" if offload else None,
+        per_layer_statistics=True if per_layer_statistics else None,
+    )
 
 
 # ---------------------------------------------------------------------- time

@@ -1,7 +1,7 @@
 """The block loop every streaming command shares: embed once, then read, process, propagate, release each block.
 
 A command (compress, eval, a statistics pass) supplies only what it does to a block while the block is on the
-device. The loop owns the order of the phases, the activations and, when given a Run, resumability: after each
+device (for compress: streamer/block.py). The loop owns the order of the phases, the activations and, when given a Run, resumability: after each
 block the next block's inputs are made durable and the journal records the block as done, so a killed run picks
 up at the first unfinished block with bit-identical inputs.
 """
@@ -20,14 +20,43 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from methods.base import Statistic
-
 from .activations import Activations
+from .data import Calibration, CalibrationOptions
+from .decoded import open_checkpoint
 from .failpoints import failpoint
 from .journal import Run
 from .model import BlockExtras, StagedModel
 
 log = logging.getLogger("layerpress")
+
+
+@dataclass
+class Calibrated:
+    """A checkpoint opened for a calibrated streaming pass: its staged model, calibration windows and fingerprints."""
+
+    staged: StagedModel
+    calibration: Calibration
+    fingerprints: dict[str, str]
+
+    @property
+    def windows(self) -> torch.Tensor:
+        return self.calibration.windows
+
+    @property
+    def seqlen(self) -> int:
+        return self.windows.shape[1]
+
+
+def open_calibrated(
+    model: Path, calibration: CalibrationOptions, device: torch.device, dtype: torch.dtype | None,
+    add_biases: bool = False,
+) -> Calibrated:
+    """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped).
+    add_biases: give the blocks' linear layers biases (see StagedModel)."""
+    checkpoint = open_checkpoint(model)
+    staged = StagedModel(checkpoint, device, dtype, add_biases=add_biases)
+    loaded = calibration.load(model, checkpoint.config)
+    return Calibrated(staged, loaded, {"checkpoint": checkpoint.fingerprint(), "calibration": loaded.fingerprint})
 
 
 @dataclass
@@ -93,53 +122,6 @@ class BlockContext:
     @property
     def norms(self) -> dict[str, nn.Module]:
         return {name: self.block.get_submodule(name) for name in self.staged.adapter.norms}
-
-
-class LayersObserved(Exception):
-    """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
-
-
-def observe(
-    linears: dict[str, nn.Linear],
-    statistics: dict[str, Statistic],
-    run_block: Callable[[], None],
-    stop_early: bool = False,
-) -> None:
-    """Run the block once with every layer's inputs fed to its statistic.
-
-    stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
-    each micro-batch, as `forward_until_observed` does).
-    """
-    waiting: set[str] = set(statistics)
-
-    def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
-        statistic.update(inputs)
-        waiting.discard(name)
-        if stop_early and not waiting:
-            waiting.update(statistics)
-            raise LayersObserved
-
-    hooks = [
-        linears[name].register_forward_pre_hook(lambda _, args, name=name, stat=stat: feed(name, stat, args[0]))
-        for name, stat in statistics.items()
-    ]
-    try:
-        run_block()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def forward_until_observed(context: BlockContext) -> Callable[[], None]:
-    """Run the block over every micro-batch, each forward stopped once the observed layers have their inputs."""
-
-    def step(hidden: torch.Tensor) -> None:
-        try:
-            context.call(hidden)
-        except LayersObserved:
-            pass
-
-    return lambda: context.acts.run(step, context.device, keep_outputs=False)
 
 
 def stream_blocks(
@@ -210,6 +192,13 @@ def stream_blocks(
             bar.update(1)
     bar.close()
     return acts
+
+
+def remove_offloaded_activations(options: StreamOptions) -> None:
+    """A finished pass no longer needs its --offload-activations files."""
+    if options.offload_dir is not None:
+        for i in (0, 1):
+            (options.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
 
 
 def _persist_inputs(acts: Activations, run: Run, block: int) -> Path:

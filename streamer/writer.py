@@ -140,10 +140,6 @@ class ShardWriter:
         self.state.shard_bytes = len(header)
         self.bytes_written += len(header)
 
-    @property
-    def expected(self) -> TensorSpec | None:
-        return self.order[self.state.written][1] if self.state.written < len(self.order) else None
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the plan (its name, dtype and shape must match the plan)."""
         shard, spec = self.order[self.state.written]

@@ -20,7 +20,7 @@ from methods.base import ChannelSummary, UnitGroup
 from methods.flap import unit_channels
 from methods.reconstruct import Reconstruction, reconstruct
 from streamer.adapters import Adapter, adapter_for
-from streamer.scheduler import block_seed
+from streamer.block import block_seed
 from streamer.structure import layout_of
 
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import main
 from methods import METHODS, Target
 from methods.gblm import GBLM
-from streamer import gradients
+from streamer.commands import gradients
 from streamer.adapters import adapter_for
 from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, load_tokenizer, tokenize
 from streamer.model import StagedModel

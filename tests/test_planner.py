@@ -3,6 +3,7 @@ and compress runs whose plan-chosen settings give the same bytes as the same set
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -15,6 +16,7 @@ from methods import METHODS, Target
 from methods.quant import QuantSpec
 from methods.statistics import Gram
 from streamer import planner as planner_module
+from streamer.commands.compress import compress
 from streamer.activations import ActivationBuffer, Activations
 from streamer.checkpoint import Checkpoint
 from streamer.errors import LayerpressError
@@ -27,11 +29,6 @@ PROCESS = 300 * 2**20  # a fixed process size, so that predictions do not follow
 BIG = 2**40
 
 
-@pytest.fixture(autouse=True)
-def fixed_process_size(monkeypatch):
-    monkeypatch.setattr(planner_module, "resident_bytes", lambda: PROCESS)
-
-
 def shapes_of(model_dir, true_sequential: bool = False) -> ModelShapes:
     return ModelShapes.of(StagedModel(Checkpoint(model_dir), torch.device("cpu")), true_sequential)
 
@@ -39,7 +36,7 @@ def shapes_of(model_dir, true_sequential: bool = False) -> ModelShapes:
 def make_planner(model_dir, device_type="cuda", budget=Budget(BIG, BIG), nsamples=16, seqlen=256,
                  method="sparsegpt", **options) -> Planner:
     workload = Workload(METHODS[method](), Target(sparsity=0.5), nsamples, seqlen)
-    return Planner(shapes_of(model_dir), workload, device_type, budget, **options)
+    return Planner(shapes_of(model_dir), workload, device_type, budget, PROCESS, **options)
 
 
 def peaks(planner: Planner, choice: Choice) -> list[tuple[str, int, int]]:
@@ -80,7 +77,7 @@ def test_statistic_sizes_are_the_real_statistics(tiny_checkpoints):
 def test_the_write_phase_counts_the_masks_and_grids_the_results_keep(tiny_checkpoints, method, target):
     """Each layer's result keeps its mask and grid record until the block is written: the plan holds their size."""
     workload = Workload(METHODS[method](), target, 4, 32)
-    planner = Planner(shapes_of(tiny_checkpoints["llama"]), workload, "cpu", Budget(BIG, BIG))
+    planner = Planner(shapes_of(tiny_checkpoints["llama"]), workload, "cpu", Budget(BIG, BIG), PROCESS)
     write = next(phase for phase in planner.phases(Choice(1, "host", False)) if phase.name == "write")
     staged = StagedModel(Checkpoint(tiny_checkpoints["llama"]), torch.device("cpu"))
     staged.load_block(0)
@@ -180,8 +177,10 @@ def test_plan_chosen_settings_give_the_bytes_of_the_same_settings_given_explicit
     planner = make_planner(model, device_type="cpu", nsamples=4, seqlen=32, prefetch=True)
     tightest = host_peak(planner, Choice(1, "disk", True))
     assert all(host_peak(planner, choice) > tightest for choice in planner.candidates(None, None, None)[:-1])
-    with caplog.at_level(logging.INFO, logger="layerpress"):
-        assert main.main(compress_argv(model, tmp_path / "planned", calib_text, "--host-memory", f"{tightest}B")) == 0
+    argv = compress_argv(model, tmp_path / "planned", calib_text, "--host-memory", f"{tightest}B")
+    with caplog.at_level(logging.INFO, logger="layerpress"):  # planned for this process size, as the test's plan
+        compress(dataclasses.replace(main.compress_settings(main.build_parser().parse_args(argv)),
+                                     process_bytes=PROCESS))
     assert "plan: micro-batch 1, activations offloaded to disk, statistics one layer at a time" in caplog.text
     assert (tmp_path / "planned" / ".layerpress" / "activations").is_dir()
     explicit = ["--micro-batch", "1", "--offload-activations", str(tmp_path / "acts"), "--statistics-per-layer"]

@@ -278,26 +278,26 @@ def test_decompress_refuses_dense_outputs(tiny_checkpoints, tmp_path, capsys):
 @contextmanager
 def interrupted_at_block(monkeypatch, index: int) -> Iterator[None]:
     """Within: compress is interrupted (as by Ctrl-C) when it reaches block `index`."""
-    import streamer.scheduler
+    import streamer.commands.compress
 
-    compress_block = streamer.scheduler.compress_block
+    compress_block = streamer.commands.compress.compress_block
 
     def stop(context, *args, **kwargs):
         if context.index == index:
             raise KeyboardInterrupt
         return compress_block(context, *args, **kwargs)
 
-    monkeypatch.setattr(streamer.scheduler, "compress_block", stop)
+    monkeypatch.setattr(streamer.commands.compress, "compress_block", stop)
     try:
         yield
     finally:
-        monkeypatch.setattr(streamer.scheduler, "compress_block", compress_block)
+        monkeypatch.setattr(streamer.commands.compress, "compress_block", compress_block)
 
 
 def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
     tiny_checkpoints, tmp_path, calib_text, monkeypatch
 ):
-    import streamer.decompress
+    import streamer.decoded
 
     model = tiny_checkpoints["llama"]
     options = ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--asym"]
@@ -309,7 +309,7 @@ def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
     compress_formats(model, tmp_path / "cut", calib_text, options, ["packed"])
     assert shard_bytes(tmp_path / "cut" / "packed") == shard_bytes(tmp_path / "whole" / "packed")
 
-    read, calls = streamer.decompress.DecodedCheckpoint.read, []
+    read, calls = streamer.decoded.DecodedCheckpoint.read, []
 
     def stop_after_five_tensors(self, names):
         calls.append(names)
@@ -317,9 +317,9 @@ def test_interrupted_packed_compress_and_decompress_resume_to_the_same_bytes(
             raise KeyboardInterrupt
         return read(self, names)
 
-    monkeypatch.setattr(streamer.decompress.DecodedCheckpoint, "read", stop_after_five_tensors)
+    monkeypatch.setattr(streamer.decoded.DecodedCheckpoint, "read", stop_after_five_tensors)
     assert not main_ok("decompress", "--model", str(tmp_path / "cut" / "packed"), "--out", str(tmp_path / "cut-dense"))
-    monkeypatch.setattr(streamer.decompress.DecodedCheckpoint, "read", read)
+    monkeypatch.setattr(streamer.decoded.DecodedCheckpoint, "read", read)
     assert main_ok("decompress", "--model", str(tmp_path / "cut" / "packed"), "--out", str(tmp_path / "cut-dense"))
     assert shard_bytes(tmp_path / "cut-dense") == shard_bytes(tmp_path / "whole-dense")
 

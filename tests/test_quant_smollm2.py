@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import main
-from streamer.decompress import open_checkpoint
+from streamer.decoded import open_checkpoint
 from tests.conftest import perplexity
 
 pytestmark = pytest.mark.slow

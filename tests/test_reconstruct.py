@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 import main
 import methods.reconstruct as recon
 import streamer.model
-import streamer.scheduler
 from methods import METHODS, Target
 from methods.reconstruct import Reconstruction, reconstruct
 from streamer.adapters import adapter_for
@@ -221,14 +220,16 @@ def test_a_killed_reconstruction_run_resumes_bit_identically(tiny_checkpoints, t
         options += ["--offload-activations", str(tmp_path / "acts")]
     run_compress(model, tmp_path / "whole", calib_text, *options)
 
-    real = streamer.scheduler.reconstruct_block
+    steps, real_step = int(FAST[FAST.index("--recon-steps") + 1]), torch.optim.AdamW.step
+    taken = []
 
-    def killed_in_block_one(context, settings, seed):
-        if context.index == 1:
-            raise Killed  # block 0 is journaled; block 1 dies mid-training
-        return real(context, settings, seed)
+    def killed_mid_training_of_block_one(optimizer, *args, **kwargs):
+        taken.append(1)
+        if len(taken) == steps + steps // 2:  # block 0 trained and journaled; block 1 halfway through its steps
+            raise Killed
+        return real_step(optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(streamer.scheduler, "reconstruct_block", killed_in_block_one)
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed_mid_training_of_block_one)
     argv = ["compress", "--model", str(model), "--out", str(tmp_path / "resumed"), "--calib", str(calib_text),
             "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu", *options]
     assert main.main(argv) == 130

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import main
-import streamer.scores
+import streamer.commands.scores
 from methods.allocation import weighted_mean
 from methods.hessian import inverse_cholesky
 from methods.masks import lowest_in_rows, lowest_overall
@@ -117,7 +117,7 @@ def test_score_pass_resumes_after_a_kill_with_identical_scores(tiny_checkpoints,
     expected = run_scores(model, tmp_path / "whole", calib_text, "--sparsity", "0.6", "0.7")
 
     calls = []
-    score_block = streamer.scores.score_block
+    score_block = streamer.commands.scores.score_block
 
     def dies_in_the_second_block(context, *args, **kwargs):
         calls.append(context.index)
@@ -125,12 +125,12 @@ def test_score_pass_resumes_after_a_kill_with_identical_scores(tiny_checkpoints,
             raise KeyboardInterrupt  # as a kill would, after block 0 is durable
         return score_block(context, *args, **kwargs)
 
-    monkeypatch.setattr(streamer.scores, "score_block", dies_in_the_second_block)
+    monkeypatch.setattr(streamer.commands.scores, "score_block", dies_in_the_second_block)
     argv = ["scores", "--model", str(model), "--out", str(tmp_path / "killed"), "--calib", str(calib_text),
             "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu", "--sparsity", "0.6", "0.7"]
     assert main.main(argv) == 130
     assert not (tmp_path / "killed" / "scores.json").exists()
-    monkeypatch.setattr(streamer.scores, "score_block", score_block)
+    monkeypatch.setattr(streamer.commands.scores, "score_block", score_block)
     resumed = run_scores(model, tmp_path / "killed", calib_text, "--sparsity", "0.6", "0.7")
     assert calls == [0, 1]
     assert resumed == expected

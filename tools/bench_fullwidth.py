@@ -105,14 +105,13 @@ def run(model: Path, out: Path, nsamples: int, seqlen: int, dtype: str | None, e
     from methods import METHODS, Target
     from streamer.checkpoint import Checkpoint
     from streamer.model import StagedModel
-    from streamer.planner import Budget, ModelShapes, Planner, Workload
+    from streamer.planner import Budget, Workload, plan_run, process_baseline
 
     common = ["--model", str(model), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu",
               "--method", "sparsegpt", "--sparsity", "0.5", *(["--dtype", dtype] if dtype else []), *extra]
     staged = StagedModel(Checkpoint(model), torch.device("cpu"), getattr(torch, dtype) if dtype else None)
-    planner = Planner(ModelShapes.of(staged), Workload(METHODS["sparsegpt"](), Target(sparsity=0.5), nsamples, seqlen),
-                      "cpu", Budget.of_machine(torch.device("cpu")), prefetch=False)
-    needed = planner.choose().host_peak
+    needed = plan_run(staged, Workload(METHODS["sparsegpt"](), Target(sparsity=0.5), nsamples, seqlen), "cpu",
+                      Budget.of_machine(torch.device("cpu")), process_baseline("cpu"), prefetch=False).host_peak
     available = psutil.virtual_memory().available
     if available < needed + MIN_AVAILABLE:
         sys.exit(f"not now: the run needs about {needed / GiB:.1f} GiB, {available / GiB:.1f} GiB is available")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .decompress import open_checkpoint
-from .data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
-from .model import StagedModel
-from .stream import StreamOptions, stream_blocks
+from ..data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
+from ..decoded import open_checkpoint
+from ..model import StagedModel
+from ..stream import StreamOptions, stream_blocks
 
 log = logging.getLogger("layerpress")
 

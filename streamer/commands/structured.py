@@ -1,4 +1,4 @@
-"""Structured pruning's passes over the blocks (the maths is the method's: methods/base.py, StructuredMethod).
+"""`compress` with a structured method (FLAP): passes over the blocks (the maths is the method's: methods/base.py).
 
     statistics pass (streamed, resumable):  each block's channel-group consumers observed on the dense model's
                                             activations -> one ChannelSummary per group, saved under .layerpress/
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,46 @@ from torch import nn
 from methods import StructuredMethod
 from methods.base import ChannelSummary, UnitGroup
 
-from .errors import LayerpressError
-from .files import atomic_write
-from .journal import Run
-from .model import StagedModel
-from .stream import BlockContext, StreamOptions, observe, stream_blocks
-from .structure import STRUCTURE_KEY, Skeleton, build_skeleton
-from .writer import TensorSpec
+from ..block import observe
+from ..errors import LayerpressError
+from ..files import atomic_write
+from ..journal import Run
+from ..model import StagedModel
+from ..output import finish_output, model_output, output_specs, write_block
+from ..stream import BlockContext, StreamOptions, stream_blocks, walk_blocks
+from ..structure import STRUCTURE_KEY, Skeleton, build_skeleton
+from ..writer import TensorSpec
 
 log = logging.getLogger("layerpress")
 
 PLAN_FILE = "structure-plan.safetensors"
+
+
+def compress_structured(
+    method: StructuredMethod, staged: StagedModel, windows: torch.Tensor, options: StreamOptions, out: Path,
+    source: Path, max_shard_bytes: int, run: Run, record: dict[str, Any],
+) -> None:
+    """Statistics pass, global search, pruning pass into physically smaller shards, with their structure record."""
+    started = time.perf_counter()
+    summaries = collect_summaries(method, staged, windows, options, run)
+    plan = plan_units(method, staged, summaries, run)
+    layout = pruned_layout(method, staged, plan)
+    with model_output(out, staged, output_specs(staged, block_specs=layout.specs), max_shard_bytes, run) as writer:
+
+        def process(index: int, block: nn.Module) -> dict[str, Any]:
+            tensors = prune_block(method, staged, summaries, plan, index, block)
+            kept = {f"{staged.block_prefix(index)}{name}": int(plan.keep[name][index].sum()) for name in plan.keep}
+            log.info("prune: block %d/%d: units kept %s", index + 1, staged.num_blocks,
+                     ", ".join(f"{name} {count}/{staged.layouts[name].units_in(block)}"
+                               for name, count in zip(plan.keep, kept.values())))
+            write_block(writer, layout.block_tensors(index, tensors))
+            return {"writer": asdict(writer.state), "layers": kept}
+
+        walk_blocks(staged, process, run, desc="prune")
+        config = dict(staged.checkpoint.config)
+        config[STRUCTURE_KEY] = layout.structure
+        config["layerpress"] = {**record, "kept_units": run.body["layers"], "parameters": plan.parameters}
+        finish_output(out, source, run, writer, config, started, staged.checkpoint.bytes_read)
 
 
 def summary_path(directory: Path, block: int) -> Path:
@@ -78,7 +108,7 @@ def collect_summaries(
 
 
 @dataclass
-class Plan:
+class KeptUnits:
     """The search's decision: per group, one mask of kept units per block; and the parameters it keeps."""
 
     keep: dict[str, list[torch.Tensor]]
@@ -96,7 +126,7 @@ def unit_groups(staged: StagedModel, summaries: Path) -> list[UnitGroup]:
     return groups
 
 
-def plan_units(method: StructuredMethod, staged: StagedModel, summaries: Path, run: Run) -> Plan:
+def plan_units(method: StructuredMethod, staged: StagedModel, summaries: Path, run: Run) -> KeptUnits:
     """Which units stay: searched once over all blocks' scores, saved so that a resumed pass applies the same."""
     groups = unit_groups(staged, summaries)
     path = run.work / PLAN_FILE
@@ -122,7 +152,7 @@ def plan_units(method: StructuredMethod, staged: StagedModel, summaries: Path, r
     log.info("%s keeps %d of %d prunable parameters (%.2f%% removed); units kept per block: %s", method.name, kept,
              prunable, 100 * parameters["removed_fraction"],
              {name: [int(mask.sum()) for mask in masks] for name, masks in keep.items()})
-    return Plan(keep, parameters)
+    return KeptUnits(keep, parameters)
 
 
 @dataclass
@@ -141,7 +171,7 @@ class PrunedLayout:
                 for relative, spec in self.blocks[index]]
 
 
-def pruned_layout(method: StructuredMethod, staged: StagedModel, plan: Plan) -> PrunedLayout:
+def pruned_layout(method: StructuredMethod, staged: StagedModel, plan: KeptUnits) -> PrunedLayout:
     """The output's skeleton (same builder as every loader: streamer/structure.py) and its tensors' specs."""
     prior = getattr(staged.config, STRUCTURE_KEY, None) or {}
     biases = set(prior.get("biases", []))
@@ -168,7 +198,7 @@ def _block_specs(staged: StagedModel, skeleton: Skeleton, index: int) -> list[tu
 
 
 def prune_block(
-    method: StructuredMethod, staged: StagedModel, summaries: Path, plan: Plan, index: int, block: nn.Module
+    method: StructuredMethod, staged: StagedModel, summaries: Path, plan: KeptUnits, index: int, block: nn.Module
 ) -> dict[str, torch.Tensor]:
     """The dense block `index` cut down to its kept units: all its output tensors, by name relative to the block."""
     tensors = dict(block.state_dict())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import LayerpressError
-from .journal import WORK_DIR, read_journal
+from ..errors import LayerpressError
+from ..journal import WORK_DIR, read_journal
 
 
 def _progress(body: dict, indent: str) -> list[str]:

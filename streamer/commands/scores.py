@@ -29,13 +29,14 @@ import torch
 
 from methods.scores import Scorer
 
-from .allocation import SCORES_FILE
-from .data import CalibrationOptions
-from .errors import LayerpressError
-from .files import atomic_write
-from .journal import Run
-from .scheduler import open_calibrated, remove_offloaded_activations
-from .stream import BlockContext, StreamOptions, observe, stream_blocks
+from ..allocation import SCORES_FILE
+from ..block import observe
+from ..data import CalibrationOptions
+from ..errors import LayerpressError
+from ..files import atomic_write
+from ..journal import Run
+from ..stream import BlockContext, StreamOptions, open_calibrated, remove_offloaded_activations, stream_blocks
+from .lifecycle import RunRequest
 
 log = logging.getLogger("layerpress")
 
@@ -75,27 +76,25 @@ class ScoreSettings:
 
 def score(settings: ScoreSettings) -> Path:
     """Score every linear layer of a checkpoint into `settings.out`/scores.json; resumes a partial run."""
+    request = RunRequest("scores", settings.out, settings.model, settings.restart)
     calibrated = open_calibrated(settings.model, settings.calibration, settings.stream.device, settings.dtype)
     staged = calibrated.staged
     record = settings.record(calibrated.calibration.record, staged.dtype)
-    run = Run(settings.out, "scores", record, calibrated.fingerprints, staged.num_blocks, restart=settings.restart)
-    try:
-        if run.complete:
-            log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
-        else:
-            started = time.perf_counter()
 
-            def process(context: BlockContext) -> dict[str, Any]:
-                return {"layers": score_block(context, settings.scorer, prune=settings.inputs == "pruned")}
+    def work(run: Run) -> None:
+        started = time.perf_counter()
 
-            stream_blocks(staged, calibrated.windows, settings.stream, process, run, desc="scores")
-            document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
-            atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
-            run.finish({"seconds": time.perf_counter() - started})
-            remove_offloaded_activations(settings.stream)
-            log.info("wrote %s", settings.out / SCORES_FILE)
-    finally:
-        run.close()
+        def process(context: BlockContext) -> dict[str, Any]:
+            return {"layers": score_block(context, settings.scorer, prune=settings.inputs == "pruned")}
+
+        stream_blocks(staged, calibrated.windows, settings.stream, process, run, desc="scores")
+        document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
+        atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
+        run.finish({"seconds": time.perf_counter() - started})
+        remove_offloaded_activations(settings.stream)
+        log.info("wrote %s", settings.out / SCORES_FILE)
+
+    request.execute(record, calibrated.fingerprints, staged.num_blocks, work)
     return settings.out / SCORES_FILE
 
 

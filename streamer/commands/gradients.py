@@ -27,23 +27,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
 
-from .activations import ActivationBuffer, micro_batches
-from .checkpoint import Checkpoint
-from .data import Calibration, CalibrationOptions
-from .errors import LayerpressError
-from .files import atomic_write
-from .journal import Run, describe_differences, read_journal
-from .model import StagedModel
-from .stream import BlockContext, StreamOptions, stream_blocks
+from ..activations import ActivationBuffer, micro_batches
+from ..data import Calibration, CalibrationOptions
+from ..errors import LayerpressError
+from ..files import atomic_write
+from ..gradient_norms import COMMAND, gradients_file, weight_name
+from ..journal import Run
+from ..model import StagedModel
+from ..stream import BlockContext, StreamOptions, open_calibrated, stream_blocks
+from .lifecycle import RunRequest
 
 log = logging.getLogger("layerpress")
 
-COMMAND = "gradients"
 HEAD_POSITIONS = 64
 
 
@@ -65,15 +64,6 @@ class GradientSettings:
             "device": self.device.type,
             "micro_batch": self.micro_batch,
         }
-
-
-def gradients_file(directory: Path, block: int) -> Path:
-    return directory / f"gradients-{block:05d}.safetensors"
-
-
-def weight_name(staged: StagedModel, block: int, linear: str) -> str:
-    """How the gradient files name a linear layer's weight: its name in the model's state dict."""
-    return f"{staged.block_prefix(block)}{linear}.weight"
 
 
 class SquaredGradients:
@@ -261,65 +251,11 @@ class GradientPass:
 
 def compute_gradients(settings: GradientSettings) -> Path:
     """Write the gradient norms of `settings.model` into `settings.out`; resumes a partial run of the same settings."""
-    if settings.out.resolve() == settings.model.resolve():
-        raise LayerpressError("the gradients directory must differ from the model directory")
-    checkpoint = Checkpoint(settings.model)
-    staged = StagedModel(checkpoint, settings.device, settings.dtype)
-    calibration = settings.calibration.load(settings.model, checkpoint.config)
-    fingerprints = {"checkpoint": checkpoint.fingerprint(), "calibration": calibration.fingerprint}
-    run = Run(
-        settings.out, COMMAND, settings.record(calibration.record, staged.dtype), fingerprints, staged.num_blocks,
-        restart=settings.restart,
+    request = RunRequest(COMMAND, settings.out, settings.model, settings.restart)
+    calibrated = open_calibrated(settings.model, settings.calibration, settings.device, settings.dtype)
+    staged = calibrated.staged
+    request.execute(
+        settings.record(calibrated.calibration.record, staged.dtype), calibrated.fingerprints, staged.num_blocks,
+        lambda run: GradientPass(settings, staged, calibrated.calibration, run).run_all(),
     )
-    try:
-        if run.complete:
-            log.info("%s is already complete; nothing to do (use --restart to redo it)", settings.out)
-        else:
-            GradientPass(settings, staged, calibration, run).run_all()
-    finally:
-        run.close()
     return settings.out
-
-
-class GradientNorms:
-    """A finished gradient pass, checked against the model and calibration windows of the run that reads it."""
-
-    def __init__(self, directory: Path, checkpoint: Checkpoint, calibration: Calibration):
-        self.directory = directory
-        body = read_journal(directory) if directory.is_dir() else None
-        if body is None or body.get("command") != COMMAND:
-            raise LayerpressError(f"{directory} holds no gradient pass: make one with `main.py gradients`")
-        if body["state"] != "complete":
-            raise LayerpressError(f"the gradient pass in {directory} is not finished: run it again to resume it")
-        if body["fingerprints"]["checkpoint"] != checkpoint.fingerprint():
-            raise LayerpressError(
-                f"the gradients in {directory} were computed for another model than {checkpoint.directory}"
-            )
-        differences = describe_differences(body["settings"]["calibration"], calibration.record, "calibration ")
-        if differences or body["fingerprints"]["calibration"] != calibration.fingerprint:
-            raise LayerpressError(
-                f"the gradients in {directory} were computed on other calibration windows "
-                f"({'; '.join(differences) or 'calibration text changed'}): use the same --calib, --nsamples, "
-                "--seqlen and --seed as the gradient pass"
-            )
-        self.digests: dict[str, str] = body.get("files", {})
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies these gradients (the digests of their files), for the journal of the run that uses them."""
-        return hashlib.sha256(repr(sorted(self.digests.items())).encode()).hexdigest()
-
-    def for_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
-        """The norms of the block's linear layers by layer name, on the device (the file's digest checked first)."""
-        path = gradients_file(self.directory, context.index)
-        data = path.read_bytes() if path.is_file() else b""
-        if hashlib.sha256(data).hexdigest() != self.digests.get(str(context.index)):
-            raise LayerpressError(f"{path} is missing or damaged: run `main.py gradients` again with --restart")
-        tensors = load_safetensors(data)
-        norms = {}
-        for name, layer in context.linears.items():
-            norm = tensors.get(weight_name(context.staged, context.index, name))
-            if norm is None or norm.shape != layer.weight.shape:
-                raise LayerpressError(f"{path} holds no gradient norms of shape {tuple(layer.weight.shape)} for {name}")
-            norms[name] = norm.to(layer.weight.device)
-        return norms

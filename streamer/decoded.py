@@ -1,35 +1,23 @@
-"""Reading packed and sparse outputs as the dense checkpoints they stand for, and `decompress` to write one out.
+"""Reading packed and sparse outputs as the dense checkpoints they stand for.
 
 `open_checkpoint` gives every command the dense view of a directory: a packed or sparse layerpress output is read
 through `DecodedCheckpoint`, which decodes a compressed layer's tensors into its weight when the weight is read, so
-`eval` and `compress` take such outputs as they are. `decompress` writes that view out tensor by tensor in the
-stored order, with the compress run's shard size, so its shards are byte for byte those of `--format dense`.
+`eval`, `compress` and `decompress` (streamer/commands/decompress.py) take such outputs as they are.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from methods import QuantSpec
 
 from .checkpoint import Checkpoint, TensorEntry
 from .errors import LayerpressError
-from .files import atomic_write
 from .formats import FORMATS, Format, LayerPlan
-from .journal import Run
-from .writer import ShardWriter, TensorSpec, WriterState, copy_side_files
-
-log = logging.getLogger("layerpress")
-
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -124,41 +112,3 @@ def open_checkpoint(directory: Path) -> Checkpoint | DecodedCheckpoint:
     if name not in FORMATS:
         raise LayerpressError(f"{directory} was written in format {name!r}, which this layerpress cannot read")
     return checkpoint if name == "dense" else DecodedCheckpoint(checkpoint, FORMATS[name])
-
-
-def decompress(model: Path, out: Path, max_shard_bytes: int | None = None, restart: bool = False) -> Path:
-    """Write the dense checkpoint a packed or sparse output stands for; resumes a partial run of the same command."""
-    if out.resolve() == model.resolve():
-        raise LayerpressError("the output directory must differ from the model directory")
-    started = time.perf_counter()
-    view = open_checkpoint(model)
-    if not isinstance(view, DecodedCheckpoint):
-        raise LayerpressError(f"{model} holds dense weights already; there is nothing to decompress")
-    max_bytes = max_shard_bytes or view.record.get("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES)
-    names = list(view.entries)
-    settings = {"source": str(model.resolve()), "max_shard_bytes": max_bytes}
-    run = Run(out, "decompress", settings, {"checkpoint": view.fingerprint()}, len(names), restart=restart)
-    try:
-        if run.complete:
-            log.info("%s is already complete; nothing to do (use --restart to redo it)", out)
-            return out
-        specs = [TensorSpec(name, entry.dtype, entry.shape) for name, entry in view.entries.items()]
-        state = WriterState(**run.body["writer"]) if "writer" in run.body else None
-        writer = ShardWriter(out, specs, max_bytes, state)
-        try:
-            for index in tqdm(range(run.blocks_done, len(names)), initial=run.blocks_done, total=len(names),
-                              desc="decompress", unit="tensor", disable=None):
-                writer.write(names[index], view.read([names[index]])[names[index]])
-                writer.sync()
-                run.record_block(index, None, {"writer": asdict(writer.state)}, {})
-            atomic_write(out / "config.json", json.dumps(view.config, indent=2).encode())
-            copy_side_files(model, out)
-            writer.write_index()
-        finally:
-            writer.close()
-        run.finish({"seconds": time.perf_counter() - started, "bytes_written": writer.bytes_written,
-                    "bytes_read": view.bytes_read})
-    finally:
-        run.close()
-    log.info("wrote %s (%d shards) from the %s output %s", out, len(writer.shards), view.format.name, model)
-    return out

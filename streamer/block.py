@@ -1,0 +1,195 @@
+"""One block's phases while it is on the device: observe ─► compress ─► [reconstruct].
+
+The block loop (streamer/stream.py) reads the block, hands it over as a `BlockContext`, then propagates through it
+and records it; what happens in between is here, and only the order of phases is: the maths is the method's.
+
+Observe runs the calibration inputs through the block with hooks that feed each linear layer's inputs to the
+method's statistics, stopping each micro-batch's forward as soon as its layers have their inputs. Compress replaces
+each layer's weight with the method's result. With --true-sequential, observe and compress run once per group of
+layers (q/k/v, then the output projection, ...), so each group sees inputs that already went through compressed
+groups. With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer,
+which propagation fills only later); after compression a few parameters are trained towards them and merged
+(methods/reconstruct.py), so the next block's inputs come from the block as written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from methods import LayerResult, Method, Target
+from methods.base import Statistic
+from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
+
+from .activations import Activations
+from .errors import LayerpressError
+from .stream import BlockContext
+
+log = logging.getLogger("layerpress")
+
+
+class LayersObserved(Exception):
+    """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
+
+
+def observe(
+    linears: dict[str, nn.Linear],
+    statistics: dict[str, Statistic],
+    run_block: Callable[[], None],
+    stop_early: bool = False,
+) -> None:
+    """Run the block once with every layer's inputs fed to its statistic.
+
+    stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
+    each micro-batch, as `forward_until_observed` does).
+    """
+    waiting: set[str] = set(statistics)
+
+    def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
+        statistic.update(inputs)
+        waiting.discard(name)
+        if stop_early and not waiting:
+            waiting.update(statistics)
+            raise LayersObserved
+
+    hooks = [
+        linears[name].register_forward_pre_hook(lambda _, args, name=name, stat=stat: feed(name, stat, args[0]))
+        for name, stat in statistics.items()
+    ]
+    try:
+        run_block()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def forward_until_observed(context: BlockContext) -> Callable[[], None]:
+    """Run the block over every micro-batch, each forward stopped once the observed layers have their inputs."""
+
+    def step(hidden: torch.Tensor) -> None:
+        try:
+            context.call(hidden)
+        except LayersObserved:
+            pass
+
+    return lambda: context.acts.run(step, context.device, keep_outputs=False)
+
+
+def compress_block(
+    context: BlockContext,
+    method: Method,
+    groups: list[tuple[str, ...]],
+    target_for: Callable[[str], Target],
+    per_layer_statistics: bool = False,
+    keep_dense_outputs: bool = False,
+    precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, LayerResult]:
+    """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
+    is the layer's own (installed, not a copy).
+
+    per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
+    The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
+    result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
+    keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
+    anything is compressed, runs whole and stores them; a method that observes nothing gets one forward for them).
+    precomputed: by layer name, the tensors the method's `statistic` takes besides the layer (see Method.precomputed).
+    """
+    linears = context.linears
+    precomputed = precomputed or {}
+    results = {}
+    dense_outputs_pending = keep_dense_outputs
+
+    def observe_inputs(statistics: dict[str, Statistic]) -> None:
+        nonlocal dense_outputs_pending
+        with context.phase("observe"):
+            if dense_outputs_pending:
+                observe(linears, statistics, lambda: context.forward(keep_outputs=True))
+                dense_outputs_pending = False
+            else:
+                observe(linears, statistics, forward_until_observed(context), stop_early=True)
+
+    def compress_layer(name: str, statistic: Statistic | None) -> None:
+        nonlocal dense_outputs_pending
+        if dense_outputs_pending:
+            with context.phase("observe"):
+                context.forward(keep_outputs=True)
+            dense_outputs_pending = False
+        with context.phase("compress"):
+            results[name] = _compress_layer(context, method, name, statistic, target_for)
+
+    for group in groups:
+        if per_layer_statistics:
+            for name in reversed(group):
+                statistic = method.statistic(linears[name], **precomputed.get(name, {}))
+                if statistic is not None:
+                    observe_inputs({name: statistic})
+                compress_layer(name, statistic)
+                del statistic
+        else:
+            statistics = {name: method.statistic(linears[name], **precomputed.get(name, {})) for name in group}
+            if any(stat is not None for stat in statistics.values()):
+                observe_inputs({name: stat for name, stat in statistics.items() if stat is not None})
+            for name in group:  # each statistic is dropped as soon as its layer is done
+                compress_layer(name, statistics.pop(name))
+    return {name: results[name] for group in groups for name in group}  # in layer order, however observed
+
+
+def _compress_layer(
+    context: BlockContext, method: Method, name: str, statistic: Statistic | None, target_for: Callable[[str], Target]
+) -> LayerResult:
+    """Compress one layer and install the result in it (the result then holds the layer's weight, not a copy)."""
+    layer, full_name = context.linears[name], context.layer_name(name)
+    try:
+        result = method.compress(layer, statistic, target_for(full_name))
+    except ValueError as exc:
+        raise LayerpressError(f"{method.name} failed on {full_name}: {exc}") from exc
+    if not torch.isfinite(result.weight).all():
+        raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
+    layer.weight.data.copy_(result.weight)
+    return replace(result, weight=layer.weight.data)
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    return torch.count_nonzero(weight == 0).item() / weight.numel()
+
+
+class TargetBatches(Sequence):
+    """The calibration micro-batches on the device, each with the dense block's outputs for it (the targets)."""
+
+    def __init__(self, acts: Activations, device: torch.device):
+        self.acts, self.device, self.slices = acts, device, acts.batches()
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.slices[index]
+        return self.acts.inputs.data[batch].to(self.device), self.acts.outputs.data[batch].to(self.device)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of everything random in block `index`'s reconstruction: a resumed run draws the same numbers."""
+    return (seed << 32) + index
+
+
+def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int) -> ReconstructionReport:
+    """Train the block (already compressed; its dense outputs in acts.outputs) towards those outputs, then merge."""
+    generator = torch.Generator().manual_seed(block_seed(seed, context.index))
+    batches = TargetBatches(context.acts, context.device)
+    try:
+        with context.phase("reconstruct"):
+            report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings,
+                                 generator)
+    except ValueError as exc:
+        raise LayerpressError(f"reconstruction of block {context.index} failed: {exc}") from exc
+    log.info(
+        "block %d: reconstructed %s in %.2fs: output MSE %.4g -> %.4g, %d parameters trained (%.3f%% of the block's)",
+        context.index + 1, ",".join(settings.subsets), context.phase.seconds["reconstruct"], report.loss_before,
+        report.loss_after, report.trained, 100 * report.trained / report.total,
+    )
+    return report

@@ -1,0 +1,56 @@
+"""`plan`: will a compress run fit, with which settings, and how long will it take; nothing is read but headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from methods import Method, Target
+
+from ..checkpoint import Checkpoint
+from ..data import capped_seqlen
+from ..model import StagedModel
+from ..planner import Budget, Plan, Speed, Workload, plan_run, probe_speed, process_baseline
+
+
+@dataclass
+class PlanSettings:
+    model: Path
+    method: Method
+    target: Target
+    nsamples: int
+    seqlen: int
+    device: torch.device
+    budget: Budget
+    dtype: torch.dtype | None = None
+    true_sequential: bool = False
+    prefetch: bool = True
+    micro_batch: int | None = None
+    offload: bool = False
+    statistics_per_layer: bool = False
+    speed: Path | None = None  # throughput measured elsewhere, instead of probing this machine
+    save_speed: Path | None = None
+
+
+def plan(settings: PlanSettings) -> Plan:
+    """The plan compress would make, with a time estimate where the device's throughput is known."""
+    checkpoint = Checkpoint(settings.model)
+    staged = StagedModel(checkpoint, torch.device("cpu"), settings.dtype)
+    workload = Workload(settings.method, settings.target, settings.nsamples,
+                        capped_seqlen(settings.seqlen, checkpoint.config))
+    device_type = settings.device.type
+    result = plan_run(
+        staged, workload, device_type, settings.budget, process_baseline(device_type),
+        true_sequential=settings.true_sequential, prefetch=settings.prefetch, micro_batch=settings.micro_batch,
+        offload=settings.offload, per_layer_statistics=settings.statistics_per_layer,
+    )
+    if settings.speed is not None:
+        result.with_estimate(Speed.load(settings.speed))
+    elif device_type == "cpu" or torch.cuda.is_available():
+        speed = probe_speed(settings.device, staged.dtype)
+        if settings.save_speed is not None:
+            speed.save(settings.save_speed)
+        result.with_estimate(speed)
+    return result
