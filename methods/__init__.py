@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LayerResult, Method, MethodOptions, Statistic, StructuredMethod, Target
+from .base import LayerResult, Method, BaseMethod, Statistic, StructuredMethod, Target
 from .flap import Flap
 from .gblm import GBLM
 from .gptq import GPTQ
@@ -12,11 +12,11 @@ from .rtn import RTN
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHODS: dict[str, type[MethodOptions]] = {
+METHODS: dict[str, type[BaseMethod]] = {
     method.name: method for method in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, GBLM, Flap)
 }
 
 __all__ = [
-    "LayerResult", "Method", "MethodOptions", "QuantRecord", "QuantSpec", "Statistic", "StructuredMethod", "Target",
+    "LayerResult", "Method", "BaseMethod", "QuantRecord", "QuantSpec", "Statistic", "StructuredMethod", "Target",
     "METHODS",
 ]

@@ -102,7 +102,7 @@ class LayerCost:
     update_bytes_per_token: int = 0
 
 
-class MethodOptions(ABC):
+class BaseMethod(ABC):
     """What every method has: a name, a one-line summary for --help, its own options and settings."""
 
     name: ClassVar[str]
@@ -117,7 +117,7 @@ class MethodOptions(ABC):
         """Add this method's own command-line options (unstructured methods share --sparsity and --pattern)."""
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "MethodOptions":
+    def from_args(cls, args: argparse.Namespace) -> "BaseMethod":
         return cls()
 
     def settings(self) -> dict:
@@ -125,7 +125,7 @@ class MethodOptions(ABC):
         return asdict(self) if hasattr(self, "__dataclass_fields__") else {}
 
 
-class Method(MethodOptions):
+class Method(BaseMethod):
     """A per-layer compression method: settings in the constructor, per-layer maths in `compress`."""
 
     prunes: ClassVar[bool] = True  # accepts sparsity and N:M targets
@@ -204,7 +204,7 @@ class PrunedLayer:
     bias: torch.Tensor | None
 
 
-class StructuredMethod(MethodOptions):
+class StructuredMethod(BaseMethod):
     """Removes whole units across the model: statistics per block, one global selection, pruning per block."""
 
     @property

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +110,21 @@ def test_nothing_already_written_is_lost_when_the_output_is_complete(tiny_checkp
     fails_cleanly(capsys, compress(tiny_checkpoints["opt"], out, calib_text, "--sparsity", "0.7"), "--restart")
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main.main(compress(tiny_checkpoints["opt"], out, calib_text)) == 0  # same settings: already complete
+
+
+@pytest.mark.parametrize("command", ["compress", "scores", "gradients", "decompress"])
+def test_no_command_writes_into_the_model_it_reads(llama_copy, capsys, command):
+    before = {p.name: p.read_bytes() for p in llama_copy.iterdir()}
+    fails_cleanly(capsys, [command, "--model", str(llama_copy), "--out", str(llama_copy)],
+                  "the output directory must differ from the model directory")
+    assert before == {p.name: p.read_bytes() for p in llama_copy.iterdir()}
+
+
+def test_the_layerpress_command_is_main_py(tmp_path):
+    """`pip install` puts a `layerpress` script beside the interpreter; it takes main.py's command line."""
+    script = Path(sys.executable).with_name("layerpress")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "compress" in shown.stdout and "decompress" in shown.stdout
+    refused = subprocess.run([script, "status", str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == f"layerpress: error: {tmp_path} holds no layerpress run (no .layerpress/journal.json)"
