@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
+# Before torch starts CUDA: blocks of different sizes come and go, and expandable segments let the caching
+# allocator reuse freed memory across them instead of fragmenting it. A user's own setting wins.
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+import torch  # noqa: E402
 
 from methods import METHODS, Method, QuantSpec, Target
 from methods.quant import ACT_ORDERS, BITS
@@ -513,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command](args)
     except LayerpressError as exc:
         print(f"layerpress: error: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:  # outside a block's phases, which name where (streamer/stream.py: Phases)
+        from streamer.stream import LOWER_MEMORY
+
+        print(f"layerpress: error: {args.command}: out of device memory: {LOWER_MEMORY}; run the same command to "
+              "resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("layerpress: interrupted; run the same command again to resume", file=sys.stderr)

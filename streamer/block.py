@@ -144,10 +144,12 @@ def _compress_layer(
 ) -> LayerResult:
     """Compress one layer and install the result in it (the result then holds the layer's weight, not a copy)."""
     layer, full_name = context.linears[name], context.layer_name(name)
+    context.phase.layer = full_name  # named if the device runs out of memory (kept when an error leaves)
     try:
         result = method.compress(layer, statistic, target_for(full_name))
     except ValueError as exc:
         raise LayerpressError(f"{method.name} failed on {full_name}: {exc}") from exc
+    context.phase.layer = None
     if not torch.isfinite(result.weight).all():
         raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
     layer.weight.data.copy_(result.weight)

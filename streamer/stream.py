@@ -23,9 +23,11 @@ from tqdm import tqdm
 from .activations import Activations
 from .data import Calibration, CalibrationOptions
 from .decoded import open_checkpoint
+from .errors import LayerpressError
 from .failpoints import failpoint
 from .journal import Run
 from .model import BlockExtras, StagedModel
+from .planner import gib
 
 log = logging.getLogger("layerpress")
 
@@ -69,23 +71,45 @@ class StreamOptions:
     offload_dir: Path | None = None
     prefetch: bool = True
     activations_on_device: bool = False  # both activation buffers on `device` (the memory plan says when they fit)
+    planned_device_peak: int | None = None  # what the memory plan predicts on a GPU, logged beside what it took
+
+
+LOWER_MEMORY = "lower --micro-batch, add --statistics-per-layer or --offload-activations DIR"
 
 
 class Phases:
-    """Times the phases of one block, and shows the current one on the progress bar."""
+    """Times the phases of one block, and shows the current one on the progress bar.
 
-    def __init__(self, index: int, bar: tqdm):
-        self.index, self.bar = index, bar
+    On CUDA the clock is read after a synchronize (kernels run asynchronously: without it a phase's time is its
+    launches', and the next phase pays for it). Running out of device memory in a phase becomes one line that names
+    the pass, the block, the phase and the layer (`layer`, set by whoever compresses one), and what to lower.
+    """
+
+    def __init__(self, index: int, bar: tqdm, device: torch.device = torch.device("cpu"), desc: str = "blocks"):
+        self.index, self.bar, self.device, self.desc = index, bar, device, desc
         self.seconds: dict[str, float] = {}
+        self.layer: str | None = None
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         self.bar.set_postfix_str(f"block {self.index + 1}: {name}", refresh=True)
+        self._synchronize()
         clock = time.perf_counter()
         try:
             yield
+            self._synchronize()
+        except torch.OutOfMemoryError as exc:
+            where = f" ({self.layer})" if self.layer else ""
+            raise LayerpressError(
+                f"{self.desc}: out of {self.device.type} memory in block {self.index + 1}, phase {name}{where}: "
+                f"{LOWER_MEMORY}; run the same command to resume (finished blocks are kept)"
+            ) from exc
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - clock
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 @dataclass
@@ -162,7 +186,7 @@ def stream_blocks(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-prefetch") as reader:
         upcoming = reader.submit(staged.read_block, start) if options.prefetch and start < staged.num_blocks else None
         for index in range(start, staged.num_blocks):
-            phase = Phases(index, bar)
+            phase = Phases(index, bar, options.device, desc)
             with phase("read"):  # with prefetch: the time spent waiting for a read that ran during the last block
                 tensors = upcoming.result() if upcoming is not None else staged.read_block(index)
                 # a finished future keeps its result: drop it, or the last block's stored copy stays all block long
@@ -183,15 +207,28 @@ def stream_blocks(
                     inputs_file = _persist_inputs(acts, run, index + 1)
             if settle is not None:
                 record = {**record, **settle(context)}
+            peak = _device_peak(options, index)
             if run is not None:
-                run.record_block(index, inputs_file, record, phase.seconds)
+                run.record_block(index, inputs_file, {**record, **peak}, phase.seconds)
             log.info(
-                "block %d/%d done: %s", index + 1, staged.num_blocks,
+                "block %d/%d done: %s%s", index + 1, staged.num_blocks,
                 ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phase.seconds.items()),
+                "".join(f"; device peak {gib(used['measured'])} (planned {gib(used['planned'] or 0)})"
+                        for used in peak.get("device_peaks", {}).values()),
             )
             bar.update(1)
     bar.close()
     return acts
+
+
+def _device_peak(options: StreamOptions, index: int) -> dict[str, Any]:
+    """On CUDA, the block's peak of allocated device memory beside the plan's (for the journal), and a fresh count
+    for the next block; nothing elsewhere."""
+    if options.device.type != "cuda":
+        return {}
+    measured = torch.cuda.max_memory_allocated(options.device)
+    torch.cuda.reset_peak_memory_stats(options.device)
+    return {"device_peaks": {str(index): {"measured": measured, "planned": options.planned_device_peak}}}
 
 
 def remove_offloaded_activations(options: StreamOptions) -> None:
@@ -224,7 +261,7 @@ def walk_blocks(
         log.info("resuming at block %d of %d", start + 1, staged.num_blocks)
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
     for index in range(start, staged.num_blocks):
-        phase = Phases(index, bar)
+        phase = Phases(index, bar, staged.device, desc)
         with phase("read"):
             block = staged.load_block(index)
         with phase(desc):

@@ -218,7 +218,7 @@ def planned_stream(settings: CompressSettings, plan: Plan) -> StreamOptions:
     if offload_dir is None and choice.activations == "disk":
         offload_dir = settings.out / WORK_DIR / "activations"
     return replace(settings.stream, micro_batch=choice.micro_batch, offload_dir=offload_dir,
-                   activations_on_device=choice.activations == "device")
+                   activations_on_device=choice.activations == "device", planned_device_peak=plan.device_peak)
 
 
 def _recorded_micro_batch(settings: CompressSettings) -> int | None:
