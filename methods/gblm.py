@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .base import LayerResult, Method, Statistic, Target
-from .masks import select
+from .masks import select, select_count
 from .statistics import ColumnNorms
 
 
@@ -57,6 +57,10 @@ class GBLM(Method):
 
     def statistic(self, layer: nn.Linear, gradient_norms: torch.Tensor) -> GradientScores:
         return GradientScores(layer, gradient_norms)
+
+    def pruned_count(self, rows: int, columns: int, target: Target) -> int:
+        """What `select` prunes per row (the sparse format sizes the kept values by it before any maths)."""
+        return select_count(rows, columns, target, per_row=True)
 
     def compress(self, layer: nn.Linear, statistic: Statistic | None, target: Target) -> LayerResult:
         assert isinstance(statistic, GradientScores)

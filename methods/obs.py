@@ -118,22 +118,25 @@ def _group_values(
 ) -> torch.Tensor:
     """The `width` columns from block column `column` on, as near as can be known before their grid exists to what
     the sweep will round: every error made so far applied (also the lazy updates still pending past the block), then
-    the pruning already chosen among them done and compensated within the group. The grid is fitted to the weights
-    the group keeps, not to the ones it is about to lose or to their pre-compensation values."""
+    the pruning already chosen among them done and compensated within the group, over all its columns (a group that
+    runs past the block gets the compensation there too, so that the block size does not change the grid). The grid
+    is fitted to the weights the group keeps, not to the ones it is about to lose or to their pre-compensation
+    values."""
     end = start + block.shape[1]
     stop = min(column + width, block.shape[1])
-    inside = block[:, column:stop].clone()
-    for offset, pruned in enumerate(block_mask[:, column:stop].T):
-        if pruned.any():
-            row = factor[start + column + offset, start + column + offset : start + stop]
-            error = inside[:, offset].masked_fill(~pruned, 0.0) / row[0]
-            inside[:, offset:] -= error.unsqueeze(1) * row.unsqueeze(0)
-            inside[:, offset].masked_fill_(pruned, 0.0)
+    values = block[:, column:stop].clone()
     beyond = start + column + width - end
-    if beyond <= 0:
-        return inside
-    pending = errors[:, :column] @ factor[start : start + column, end : end + beyond]
-    return torch.cat([inside, weight[:, end : end + beyond] - pending], dim=1)
+    if beyond > 0:
+        pending = errors[:, :column] @ factor[start : start + column, end : end + beyond]
+        values = torch.cat([values, weight[:, end : end + beyond] - pending], dim=1)
+    first = start + column
+    for offset, pruned in enumerate(block_mask[:, column:stop].T):  # columns past the block have no mask yet
+        if pruned.any():
+            row = factor[first + offset, first + offset : first + width]
+            error = values[:, offset].masked_fill(~pruned, 0.0) / row[0]
+            values[:, offset:] -= error.unsqueeze(1) * row.unsqueeze(0)
+            values[:, offset].masked_fill_(pruned, 0.0)
+    return values
 
 
 @dataclass

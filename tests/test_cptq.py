@@ -158,7 +158,7 @@ def test_bad_bits_options_fail_in_one_line_before_anything_is_written(
     _, scores, calib = llama_scores
     out = tmp_path / "out"
     argv = ["compress", "--model", str(tiny_checkpoints["llama"]), "--out", str(out), "--calib", str(calib),
-            "--nsamples", "2", "--seqlen", "16", "--scores", str(scores), *options]
+            "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--scores", str(scores), *options]
     assert main.main(argv) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("layerpress: error:") and "\n" not in error and message in error

@@ -54,4 +54,5 @@ def test_calibration_from_a_saved_datasets_directory(tiny_checkpoints, tmp_path)
     Dataset.from_dict({"text": ["first document", "second document"]}).save_to_disk(saved)
     assert load_text(saved) == "first document\n\nsecond document"
     assert main.main(["compress", "--model", str(tiny_checkpoints["opt"]), "--out", str(tmp_path / "out"),
-                      "--calib", str(saved), "--nsamples", "2", "--seqlen", "4", "--method", "wanda"]) == 0
+                      "--calib", str(saved), "--nsamples", "2", "--seqlen", "4", "--device", "cpu",
+                      "--method", "wanda"]) == 0

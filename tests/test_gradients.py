@@ -25,6 +25,7 @@ from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, l
 from streamer.model import StagedModel
 from tests.conftest import FAMILIES
 from tests.reference import compress_in_memory
+from tests.test_compress import load_state
 
 NSAMPLES, SEQLEN, MICRO_BATCH = 4, 32, "3"  # micro-batches of 3 and 1 windows: extras of two sizes
 HEAD_POSITIONS = 10  # the head's chunks of a window's 31 predicting positions: 10, 10, 10, 1
@@ -137,6 +138,19 @@ def test_gblm_streamed_equals_in_memory(tiny_checkpoints, gradient_dirs, tmp_pat
         torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=1e-6, msg=name)
     record = json.loads((out / "config.json").read_text())["layerpress"]
     assert record["method"] == "gblm" and record["method_settings"] == {"alpha": 100.0, "windows": NSAMPLES}
+
+
+def test_gblm_sparse_output_decompresses_to_the_dense_output(tiny_checkpoints, gradient_dirs, tmp_path, calib):
+    """--format sparse sizes every layer's kept values before any maths, from gblm's exact pruned count."""
+    model, norms = tiny_checkpoints["llama"], gradient_dirs["llama"]
+    for fmt in ("dense", "sparse"):
+        assert run_gblm(model, tmp_path / fmt, calib, norms, "--format", fmt, "--max-shard-size", "60KB") == 0
+    assert main.main(["decompress", "--model", str(tmp_path / "sparse"), "--out", str(tmp_path / "decoded")]) == 0
+    assert any(name.endswith(".weight_bitmask") for name in load_state(tmp_path / "sparse"))
+    dense, decoded = load_state(tmp_path / "dense"), load_state(tmp_path / "decoded")
+    assert decoded.keys() == dense.keys()
+    for name, tensor in dense.items():
+        assert torch.equal(decoded[name], tensor), name
 
 
 def scored_layer(rows: int = 8, columns: int = 16, windows: int = 3) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:

@@ -14,13 +14,14 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from methods import METHODS, LayerResult, QuantSpec, Target
-from methods.quant import BITS, quantize, read_grid, round_to_nearest
+from methods.quant import BITS, round_to_nearest
 from methods.statistics import Gram
 from streamer.formats import FORMATS, LayerPlan, pack_bits, unpack_bits
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
 from tests.reference import compress_in_memory
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
+from tests.test_textbook import assert_matches, textbook_sweep
 
 GROUPSIZES = (None, 16, 40)  # per row; dividing the 96 columns; not dividing them (a last, smaller group)
 
@@ -81,41 +82,43 @@ def test_format_round_trip_gives_back_the_integers(fmt, bits, groupsize, symmetr
     parts = {name.removeprefix("layer.weight_"): tensor for name, tensor in tensors.items()}
     if fmt == "packed":
         assert torch.equal(unpack_bits(parts["packed"], bits, 96), record.ints)
+    else:  # the kept weights' integers, row-major, as one bit stream
+        kept = int((~mask).sum())
+        assert torch.equal(unpack_bits(parts["packed"].unsqueeze(0), bits, kept)[0], record.ints[~mask])
     assert ("zero_point" in parts) == (not symmetric)
     assert torch.equal(FORMATS[fmt].decode(plan, parts), dense)
 
 
 @pytest.mark.parametrize("bits,groupsize", [(4, None), (4, 32), (3, 32), (2, 16), (8, None)])
 @pytest.mark.parametrize("act_order", [None, "weight", "group"])
-def test_gptq_reconstructs_better_than_rtn(bits, groupsize, act_order):
+def test_gptq_lands_on_the_textbook_grid_and_reconstructs_better_than_rtn(bits, groupsize, act_order):
+    """Its integers, scales, zero points and groups are those of the textbook GPTQ (tests/textbook.py), and the
+    layer's outputs are nearer the dense ones than round-to-nearest's."""
     layer, statistic, inputs = layer_with_statistic()
-    spec = QuantSpec(bits, groupsize, symmetric=False, act_order=act_order)
-    gptq = METHODS["gptq"]().compress(layer, statistic, Target(quant=spec))
+    target = Target(quant=QuantSpec(bits, groupsize, symmetric=False, act_order=act_order))
+    gptq = METHODS["gptq"]().compress(layer, statistic, target)
     rtn = METHODS["rtn"]().compress(layer, None, Target(quant=QuantSpec(bits, groupsize, symmetric=False)))
     assert output_error(layer, gptq.weight, inputs) < output_error(layer, rtn.weight, inputs)
-    assert torch.equal(gptq.weight, gptq.quant.dequantize())
+    assert_matches(gptq, textbook_sweep(gptq, layer, inputs, target, METHODS["gptq"]().blocksize), layer)
     if act_order == "group" and groupsize is not None:
         assert not torch.equal(gptq.quant.g_idx, torch.arange(96) // groupsize)  # groups follow the visit order
 
 
 @pytest.mark.parametrize("sparsity,pattern", [(0.5, None), (0.7, None), (0.0, (2, 4))])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_joint_sparsity_is_exact_and_kept_weights_lie_on_the_grid(sparsity, pattern, symmetric):
-    layer, statistic, _ = layer_with_statistic()
+def test_joint_sparsity_is_exact_and_kept_weights_lie_on_the_textbook_grid(sparsity, pattern, symmetric):
+    """Exactly the announced count pruned, and the weight is (q − z)·s of the textbook joint sweep's integers and
+    grids (tests/textbook.py: each group's grid fitted, when the sweep reaches it, to what the group keeps)."""
+    layer, statistic, inputs = layer_with_statistic()
     method = METHODS["sparsegpt"](blocksize=32)
     target = Target(sparsity=sparsity, pattern=pattern, quant=QuantSpec(4, 32, symmetric))
     result = method.compress(layer, statistic, target)
-    record = result.quant
 
     assert int(result.mask.sum()) == method.pruned_count(48, 96, target)
     assert (result.weight[result.mask] == 0).all()
     if pattern is not None:
         assert (result.mask.view(48, -1, 4).sum(dim=2) == 2).all()
-    g_idx = record.g_idx
-    scale, zero = record.scale[:, g_idx].float(), record.zero[:, g_idx]
-    requantized = quantize(result.weight, scale, zero, record.spec)
-    assert torch.equal(read_grid(requantized, record.scale, record.zero, g_idx), result.weight)
-    assert torch.equal(requantized, record.ints)
+    assert_matches(result, textbook_sweep(result, layer, inputs, target, 32), layer)
 
 
 @pytest.mark.parametrize("sparsity,pattern", [(0.5, None), (0.7, None), (0.0, (2, 4))])
