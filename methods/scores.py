@@ -86,7 +86,7 @@ def score_layer(
     keep_pruned: also return the sweep's weight at the (single) probe.
     """
     weight = layer.weight.detach().to(torch.float32, copy=True)
-    weight[:, dead_inputs(gram.gram)] = 0.0
+    weight.masked_fill_(dead_inputs(gram.gram), 0.0)
     factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
     saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
     energy = output_energy(weight, gram.hessian) / 2
