@@ -83,9 +83,8 @@ def sweep(
     mask, a scalar) would make a GPU wait for every column's kernels before launching the next ones. A column's
     error is written straight into the block's error matrix and only the later columns get the rank-1 update; the
     pruned weights are zeroed, and the loss summed from the error matrix, once per block; a grid's rounding writes
-    into the block's result. Ops dispatched per column on a 64 × 512 layer: 5 pruning, 11 on a per-row grid, 18
-    pruning into groups of 128 (before: 13, 23 and 32); the results are bit for bit those of before
-    (tools/sweep_identity.py).
+    into the block's result. Kernels per column: 4 pruning, 11 on a grid, 18 pruning into groups (before: 13, 23,
+    33; `kernels_per_column`); the results are bit for bit those of before (tools/sweep_identity.py).
     """
     rows, columns = weight.shape
     prunes = not target.is_dense
@@ -230,9 +229,9 @@ class HessianSweep(Method):
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
-        product (up to the weight's size), or at the end the result in `dtype`; the column loop touches a
-        rows × blocksize tile about ten times per column. A quantization grid adds a byte per weight. The mask
-        (and the grid integers) are kept with the result."""
+        product (up to the weight's size), or at the end the result in `dtype`; the column loop launches a few
+        kernels per column (`kernels_per_column`) on a rows × blocksize tile. A quantization grid adds a byte per
+        weight. The mask (and the grid integers) are kept with the result."""
         weight = rows * columns
         kept = weight + (QuantRecord.nbytes_for(rows, columns, target.quant, dtype) if target.quant else 0)
         return LayerCost(
@@ -241,8 +240,18 @@ class HessianSweep(Method):
             factored=columns,
             matmul_flops=float(rows) * columns * columns,
             factor_flops=4.0 / 3.0 * float(columns) ** 3,
-            sequential_ops=10 * columns,
+            sequential_ops=kernels_per_column(target) * columns,
             sequential_bytes=6.0 * weight * self.blocksize,
             update_flops_per_token=2.0 * columns * columns,
             update_bytes_per_token=0 if dtype == torch.float32 else 4 * columns,
         )
+
+
+def kernels_per_column(target: Target) -> int:
+    """Kernels the sweep launches per column for `target` (tests/test_sync_count.py counts them by dispatch, within
+    one): 4 pruning, 2 more for N:M masks (chosen every m columns), 11 on a grid (12 also pruning), 6 more pruning
+    into lazy groups (whose fit first replays the group's pruning). Before the sweep lost its host reads: 13, 15,
+    23, 33 for pruning, N:M, a grid and pruning into groups."""
+    spec, prunes = target.quant, not target.is_dense
+    lazy_groups = spec is not None and spec.groupsize is not None and spec.act_order != "weight"
+    return (4 if spec is None else 11 + prunes) + 2 * (target.pattern is not None) + 6 * (lazy_groups and prunes)

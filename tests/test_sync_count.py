@@ -1,75 +1,23 @@
 """The OBS sweep never waits on the device per column: its host synchronisations per layer are a constant.
 
-On CUDA every read of a device value by the host (`.item()`, `bool(tensor)`, `.tolist()`, boolean-mask indexing,
-which needs the count of True entries to size its result) stalls the launch queue until the device catches up; one
-such read per column makes the sweep latency-bound. On the CPU nothing stalls, but the same reads go through
-torch's dispatcher, so a dispatch mode counts them here as they would happen on a GPU.
+One host read per column (tools/host_syncs.py says what counts as one) would make a GPU sweep latency-bound; the
+kernels launched per column are what the planner's cost model counts (`kernels_per_column`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from methods.base import Target
 from methods.gptq import GPTQ
-from methods.obs import HessianSweep
+from methods.obs import HessianSweep, kernels_per_column
 from methods.quant import QuantSpec
 from methods.scores import score_layer
 from methods.sparsegpt import SparseGPT
 from methods.statistics import Gram
-
-aten = torch.ops.aten
-# Ops whose result size or value the host must read from the device before it can go on.
-READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim,
-         aten.unique_consecutive, aten.repeat_interleave}
-INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
-
-
-def _is_mask(index: object) -> bool:
-    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts, by op, the host synchronisations a CUDA run of the code inside would make."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        packet = func.overloadpacket
-        if packet in READS or (packet in INDEXING and any(_is_mask(i) for i in args[1] if i is not None)):
-            self.counts[str(packet)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-@contextmanager
-def counting_host_syncs() -> Iterator[HostSyncs]:
-    """A HostSyncs mode that also counts `Tensor.tolist` (a device-to-host copy that the dispatcher does not see
-    on the CPU)."""
-    mode, tolist = HostSyncs(), torch.Tensor.tolist
-
-    def counted_tolist(tensor: torch.Tensor):  # noqa: ANN202 (a list of any depth)
-        mode.counts["tolist"] += 1
-        return tolist(tensor)
-
-    torch.Tensor.tolist = counted_tolist
-    try:
-        with mode:
-            yield mode
-    finally:
-        torch.Tensor.tolist = tolist
+from tools.host_syncs import HostSyncs, counting_host_syncs
 
 
 def layer_and_gram(columns: int, rows: int = 32, seed: int = 0) -> tuple[nn.Linear, Gram]:
@@ -115,6 +63,14 @@ def test_compress_makes_as_many_host_syncs_for_512_columns_as_for_128(case):
     narrow, wide = (syncs_of_compress(method, target, columns) for columns in COLUMNS)
     assert narrow.counts == wide.counts, f"{case}: {dict(narrow.counts)} at 128 columns, {dict(wide.counts)} at 512"
     assert wide.total <= 6, f"{case}: {dict(wide.counts)}"  # the factorization's checks and the loss, no more
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_planner_counts_the_kernels_the_sweep_launches_per_column(case):
+    method, target = CASES[case]
+    columns = COLUMNS[-1]
+    launched = syncs_of_compress(method, target, columns).kernels / columns
+    assert abs(launched - kernels_per_column(target)) < 1, f"{case}: {launched:.2f} kernels per column"
 
 
 def test_the_score_pass_sweep_makes_a_constant_number_of_host_syncs():
