@@ -88,7 +88,9 @@ class LayerCost:
     sequential_ops, sequential_bytes: small operations that must run one after another (a column sweep) and the
         bytes they touch: they cost launch latency and memory bandwidth rather than flops;
     update_flops_per_token, update_bytes_per_token: the statistic's work per calibration token, and the transient
-        copy of a micro-batch's inputs it makes.
+        copy of a micro-batch's inputs it makes;
+    update_precision: what that work's matrix products run in ("float32", "tf32" or "bfloat16": a Gram's
+        gram_dtype), so that it can be timed at that precision's rate.
     """
 
     working_bytes: int
@@ -100,6 +102,7 @@ class LayerCost:
     sequential_bytes: float = 0.0
     update_flops_per_token: float = 0.0
     update_bytes_per_token: int = 0
+    update_precision: str = "float32"
 
 
 class BaseMethod(ABC):

@@ -18,9 +18,10 @@ class NonInvertibleHessian(ValueError):
 
 def all_finite(matrix: torch.Tensor, chunk: int = 1 << 22) -> bool:
     """torch.isfinite(matrix).all(), about `chunk` entries at a time: whole, it makes temporaries of 1.75× the
-    matrix."""
+    matrix. The chunks' answers are combined on the device and read once (a read per chunk made the host wait for
+    the device 579 times on a 49152-input Hessian)."""
     rows = max(1, chunk // max(matrix.shape[-1], 1))
-    return all(bool(torch.isfinite(part).all()) for part in matrix.split(rows))
+    return bool(torch.stack([torch.isfinite(part).all() for part in matrix.split(rows)]).all())
 
 
 def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float, scale: float = 1.0) 
         raise NonInvertibleHessian("the Hessian has non-finite entries: the calibration activations overflowed")
     size = hessian.shape[0]
     diagonal = hessian.diagonal() * scale
-    diagonal[diagonal == 0] = 1.0
+    diagonal.masked_fill_(diagonal == 0, 1.0)
     mean_diagonal = diagonal.mean()
     work = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
     info = torch.empty((), dtype=torch.int32, device=hessian.device)

@@ -56,10 +56,11 @@ class QuantSpec:
 
 
 def fit(values: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32, representable in `dtype`) and zero point (int64) of every row of `values` (rows, n)."""
+    """Scale (float32, representable in `dtype`) and zero point (int64) over the last dimension of `values`
+    (rows, n), or (rows, groups, n) for many groups at once."""
     values = values.float()
-    low = values.min(dim=1).values.clamp(max=0)
-    high = values.max(dim=1).values.clamp(min=0)
+    low = values.min(dim=-1).values.clamp(max=0)
+    high = values.max(dim=-1).values.clamp(min=0)
     if spec.symmetric:
         high = torch.maximum(-low, high)
         low = -high
@@ -73,9 +74,16 @@ def fit(values: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torc
     return scale, zero
 
 
+def grid_levels(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The grid integers nearest to `values`, clamped to the range, as float32 (exact: at most 255); scale and zero
+    (int or float) broadcast to the shape of `values`. Four kernels on one new tensor: the sweep rounds a column at
+    a time, and keeps these to write the integers and the values they stand for without converting back."""
+    return torch.div(values.float(), scale).round_().add_(zero).clamp_(0, spec.maxq)
+
+
 def quantize(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The grid integers (uint8) nearest to `values`, clamped to the range; scale and zero broadcast."""
-    return torch.clamp(torch.round(values.float() / scale) + zero, 0, spec.maxq).to(torch.uint8)
+    return grid_levels(values, scale, zero, spec).to(torch.uint8)
 
 
 def dequantize(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -90,16 +98,18 @@ def contiguous_groups(columns: int, spec: QuantSpec) -> torch.Tensor:
     return torch.arange(columns) // spec.groupsize
 
 
-def fit_groups(
-    weight: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (rows, groups) of every group, each fitted on the columns g_idx assigns to it."""
-    groups = spec.groups(weight.shape[1])
-    scale = torch.empty(weight.shape[0], groups, device=weight.device)
-    zero = torch.empty(weight.shape[0], groups, dtype=torch.int64, device=weight.device)
-    for group in range(groups):
-        scale[:, group], zero[:, group] = fit(weight[:, g_idx == group], spec, dtype)
-    return scale, zero
+def fit_groups(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (rows, groups) of consecutive groups of columns (`contiguous_groups`), all whole groups
+    fitted at once on a view of the weight, then a last smaller one. (Picking each group's columns by a boolean
+    mask made the host wait for the device once per group.)"""
+    rows, columns = weight.shape
+    size = min(spec.groupsize or columns, columns)
+    whole = columns // size
+    fitted = [fit(weight[:, : whole * size].reshape(rows, whole, size), spec, dtype)]
+    if whole * size < columns:
+        scale, zero = fit(weight[:, whole * size :], spec, dtype)
+        fitted.append((scale.unsqueeze(1), zero.unsqueeze(1)))
+    return torch.cat([scale for scale, _ in fitted], dim=1), torch.cat([zero for _, zero in fitted], dim=1)
 
 
 @dataclass
@@ -138,6 +148,6 @@ def read_grid(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx
 def round_to_nearest(weight: torch.Tensor, spec: QuantSpec) -> QuantRecord:
     """Round-to-nearest onto grids fitted on `weight` itself (contiguous groups, no error compensation)."""
     g_idx = contiguous_groups(weight.shape[1], spec).to(weight.device)
-    scale, zero = fit_groups(weight, spec, g_idx, weight.dtype)
+    scale, zero = fit_groups(weight, spec, weight.dtype)
     ints = quantize(weight, scale[:, g_idx], zero[:, g_idx], spec)
     return QuantRecord(spec, ints, scale.to(weight.dtype), zero.to(torch.uint8), g_idx)

@@ -34,7 +34,7 @@ from .hessian import dead_inputs, inverse_cholesky
 from .masks import lowest_overall
 from .obs import sweep
 from .sensitivity import canonical_sensitivity, output_energy, pruning_sensitivity, taylor_sensitivity
-from .statistics import Gram
+from .statistics import Gram, check_gram_dtype
 
 
 @dataclass
@@ -86,7 +86,7 @@ def score_layer(
     keep_pruned: also return the sweep's weight at the (single) probe.
     """
     weight = layer.weight.detach().to(torch.float32, copy=True)
-    weight[:, dead_inputs(gram.gram)] = 0.0
+    weight.masked_fill_(dead_inputs(gram.gram), 0.0)
     factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
     saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
     energy = output_energy(weight, gram.hessian) / 2
@@ -119,7 +119,7 @@ def outlier_counts(scores: dict[str, torch.Tensor], threshold: float) -> dict[st
 
 @dataclass
 class Scorer:
-    """The per-block maths of the score pass. sparsities: the probes; damping, blocksize: SparseGPT's;
+    """The per-block maths of the score pass. sparsities: the probes; damping, blocksize, gram_dtype: SparseGPT's;
     outlier_threshold: OWL's M; cca_noise: CMPQ's output noise, relative to the mean output variance."""
 
     sparsities: tuple[float, ...]
@@ -127,15 +127,17 @@ class Scorer:
     blocksize: int = 128
     outlier_threshold: float = 5.0
     cca_noise: float = 0.01
+    gram_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.sparsities or not all(0.0 <= s < 1.0 for s in self.sparsities):
             raise ValueError(f"probe sparsities must lie in [0, 1), got {list(self.sparsities)}")
         if self.blocksize < 1 or self.damping < 0 or self.outlier_threshold <= 0 or self.cca_noise <= 0:
             raise ValueError("scores need blocksize >= 1, damping >= 0, an outlier threshold > 0 and a CCA noise > 0")
+        check_gram_dtype(self.gram_dtype)
 
     def statistic(self, layer: nn.Linear) -> Gram:
-        return Gram(layer)
+        return Gram(layer, self.gram_dtype)
 
     def score_block(
         self, layers: dict[str, nn.Linear], grams: dict[str, Gram], keep_pruned: bool = False

@@ -2,24 +2,76 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
 import torch
 from torch import nn
 
 from .base import Statistic
 
+GRAM_DTYPES = ("float32", "tf32", "bfloat16")
+
+
+def check_gram_dtype(gram_dtype: str) -> None:
+    if gram_dtype not in GRAM_DTYPES:
+        raise ValueError(f"the Gram matrix is accumulated in one of {', '.join(GRAM_DTYPES)}, not {gram_dtype!r}")
+
 
 class Gram(Statistic):
-    """H = 2·XᵀX / N over all N calibration tokens: the Hessian of the layer-wise loss ‖WX − ŴX‖² / N."""
+    """H = 2·XᵀX / N over all N calibration tokens: the Hessian of the layer-wise loss ‖WX − ŴX‖² / N.
 
-    def __init__(self, layer: nn.Linear):
+    gram_dtype says how each micro-batch's XᵀX is computed; it is always added to a float32 sum, and what is
+    solved from it (Cholesky, inverse, sweep) stays float32:
+    - "float32": the inputs in float32, one matrix product per micro-batch.
+    - "tf32": the same with TF32 tensor cores allowed on CUDA for this product alone (10 of float32's 23 mantissa
+      bits kept in the products); a CPU has no TF32, and there this is float32 exactly.
+    - "bfloat16": the inputs rounded to bfloat16 (8 bits), multiplied BF16_CHUNK tokens at a time with float32
+      accumulation inside the product (oneDNN on a CPU, cuBLAS on CUDA), each chunk's product rounded once to
+      bfloat16 and added to the float32 sum. torch returns a bfloat16 product in bfloat16, so the chunk bounds that
+      rounding: its error grows as the square root of the tokens per chunk. On 16384 tokens of 576 correlated
+      features, relative Frobenius error against float64: float32 1.4e-7; the inputs' rounding alone 2.7e-4;
+      bfloat16 in chunks of 512, 1024, 4096, 16384 tokens 4.3e-4, 5.3e-4, 8.7e-4, 1.75e-3. On this project's
+      AVX512-BF16 CPU (no AMX) a bfloat16 product runs 2.0-2.2x faster than a float32 one.
+    """
+
+    BF16_CHUNK = 1024  # tokens per bfloat16 product: twice the inputs' own rounding error, within 10% of the speed
+
+    def __init__(self, layer: nn.Linear, gram_dtype: str = "float32"):
+        check_gram_dtype(gram_dtype)
         columns = layer.in_features
         self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=layer.weight.device)
         self.tokens = 0
+        self.gram_dtype = gram_dtype
 
     def update(self, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        self._sum.addmm_(flat.T, flat)
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        if self.gram_dtype == "bfloat16":
+            for chunk in flat.split(self.BF16_CHUNK):
+                self._add_low_precision(chunk.to(torch.bfloat16))
+        else:
+            flat = flat.float()
+            with _tf32_products(flat.is_cuda and self.gram_dtype == "tf32"):
+                self._sum.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
+
+    def _add_low_precision(self, chunk: torch.Tensor) -> None:
+        """XᵀX of one chunk added to the sum, in panels of as many columns as the chunk has tokens, so that the
+        product and its float32 copy (the CPU converts it before adding) stay the size of the chunk."""
+        width = max(chunk.shape[0], 1)
+        with _exact_reductions(chunk.is_cuda):
+            for start in range(0, chunk.shape[1], width):
+                self._sum[:, start : start + width].add_(chunk.T @ chunk[:, start : start + width])
+
+    @staticmethod
+    def update_bytes_per_token(columns: int, dtype: torch.dtype, gram_dtype: str = "float32") -> int:
+        """The transient bytes per token of the inputs of one `update`: in float32 a float32 copy of inputs of
+        another dtype; in bfloat16, per chunk of at most BF16_CHUNK tokens, the inputs' bfloat16 copy (unless they
+        are bfloat16), the product panel and its float32 copy (over-counted for micro-batches of more tokens: the
+        chunks are made one at a time)."""
+        if gram_dtype != "bfloat16":
+            return 0 if dtype == torch.float32 else 4 * columns
+        return (0 if dtype == torch.bfloat16 else 2 * columns) + (2 + 4) * columns
 
     @property
     def gram(self) -> torch.Tensor:
@@ -34,6 +86,35 @@ class Gram(Statistic):
     @property
     def hessian(self) -> torch.Tensor:
         return self._sum * self.scale
+
+
+def _tf32_products(enabled: bool) -> AbstractContextManager:
+    """Float32 products on CUDA in TF32 inside the block only (torch ≥ 2.9 spells it `fp32_precision`; mixing it
+    with the older `allow_tf32` in one process is an error, so only the one this torch has is touched)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return _setting(matmul, "fp32_precision", "tf32", enabled)
+    return _setting(matmul, "allow_tf32", True, enabled)
+
+
+def _exact_reductions(enabled: bool) -> AbstractContextManager:
+    """bfloat16 products on CUDA reduced in float32 throughout (cuBLAS may otherwise reduce split sums in
+    bfloat16), inside the block only."""
+    return _setting(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False, enabled)
+
+
+@contextmanager
+def _setting(owner: object, name: str, value: object, enabled: bool) -> Iterator[None]:
+    """`owner.name` set to `value` inside the block, restored after it (nothing touched unless `enabled`)."""
+    if not enabled:
+        yield
+        return
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 class ColumnNorms(Statistic):
