@@ -103,7 +103,8 @@ def test_the_cuda_allocator_is_configured_before_torch_starts_unless_the_user_di
 def test_the_prepared_gpu_check_runs_its_cpu_self_test(tmp_path):
     """tools/gpu_check.sh is what a lent GPU runs: its cross-device part must work before a GPU is ever seen."""
     shown = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--device", "cpu", "--tiny-only", "--out",
-                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHON": sys.executable})
     assert shown.returncode == 0, shown.stdout[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [row["family"] for row in summary["tiny"]] == ["opt", "bloom", "llama"]
