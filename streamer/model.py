@@ -4,8 +4,8 @@ The skeleton is built from config.json with transformers' own class on the meta 
 by real tensors stage by stage (pre-block stage, one block, final stage) and turned back into meta tensors when the
 stage is done, so memory holds one stage at a time whatever the depth of the model.
 
-How a block is called is not written down per family: the model's own forward is run with a catcher in place of
-the first block, which records the arguments (masks, rotary tables, ALiBi, position ids) the model passes to it.
+How a block is called is not written down per family: the model's own forward is run with call recorders in place
+of the blocks, which record the arguments (masks, rotary tables, ALiBi, position ids) the model passes to each.
 """
 
 from __future__ import annotations
@@ -44,22 +44,37 @@ class LinearLayer:
     params: int
 
 
-class _FirstBlockReached(Exception):
+class _LastBlockReached(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records how the model calls it, then stops the forward."""
+class _BlockOutput(tuple):
+    """What a call recorder returns in place of a block: a 1-tuple holding the hidden states, so that models that
+    take a block's output whole (transformers 5 layers) and those that take its first item (Falcon) both pass the
+    hidden states on to the next recorder unchanged."""
 
-    def __init__(self) -> None:
+
+class _CallRecorder(nn.Module):
+    """Stands in for one block: records how the model calls it and passes the hidden states on unchanged; the
+    recorder of the last block stops the forward.
+
+    Every block is recorded, because the call may differ per block: Gemma gives sliding-window layers another mask
+    (and Gemma 3 other rotary tables) than global ones. Arguments equal between blocks stay shared objects.
+    """
+
+    def __init__(self, last: bool) -> None:
         super().__init__()
+        self.last = last
         self.hidden: torch.Tensor | None = None
         self.extras: BlockExtras | None = None
 
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def forward(self, hidden: torch.Tensor | _BlockOutput, *args: Any, **kwargs: Any) -> _BlockOutput:
+        hidden = hidden[0] if isinstance(hidden, _BlockOutput) else hidden
         self.hidden = hidden
         self.extras = BlockExtras(args, kwargs)
-        raise _FirstBlockReached
+        if self.last:
+            raise _LastBlockReached
+        return _BlockOutput((hidden,))
 
 
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
@@ -360,28 +375,32 @@ class Embedder:
     def __init__(self, staged: StagedModel):
         self.staged = staged
 
-    def _run_to_first_block(self, input_ids: torch.Tensor) -> _Catcher:
+    def _record_block_calls(self, input_ids: torch.Tensor) -> list[_CallRecorder]:
         blocks = self.staged.blocks
-        catcher, first = _Catcher(), blocks[0]
-        blocks[0] = catcher
+        originals = list(blocks)
+        recorders = [_CallRecorder(last=index == len(blocks) - 1) for index in range(len(blocks))]
+        for index, recorder in enumerate(recorders):
+            blocks[index] = recorder
         try:
             with torch.no_grad():
                 self.staged.model(input_ids=input_ids.to(self.staged.device), use_cache=False)
-        except _FirstBlockReached:
+        except _LastBlockReached:
             pass
         finally:
-            blocks[0] = first
-        if catcher.hidden is None:
-            raise LayerpressError(f"{self.staged.adapter.name}: the model's forward never reached its first block")
-        return catcher
+            for index, block in enumerate(originals):
+                blocks[index] = block
+        missing = [index for index, recorder in enumerate(recorders) if recorder.extras is None]
+        if missing:
+            raise LayerpressError(f"{self.staged.adapter.name}: the model's forward never called block {missing[0]}")
+        return recorders
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._run_to_first_block(input_ids).hidden
+        return self._record_block_calls(input_ids)[0].hidden
 
-    def extras(self, batch_size: int, seqlen: int) -> BlockExtras:
-        """The block extras for unpadded windows of this shape (they do not depend on the token values)."""
+    def extras(self, batch_size: int, seqlen: int) -> list[BlockExtras]:
+        """Each block's extras for unpadded windows of this shape (they do not depend on the token values)."""
         dummy = torch.zeros(batch_size, seqlen, dtype=torch.long)
-        return self._run_to_first_block(dummy).extras
+        return [recorder.extras for recorder in self._record_block_calls(dummy)]
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -24,36 +24,33 @@ from streamer.block import block_seed
 from streamer.structure import layout_of
 
 
-class _Stop(Exception):
-    pass
-
-
 def first_block_inputs(
     model: nn.Module, windows: torch.Tensor
 ) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
-    """The first block's inputs for each window, and a function that calls any block the way the model does."""
+    """The first block's inputs for each window, and a function that calls any block the way the model calls it
+    (each block with its own arguments: Gemma's sliding-window layers get other masks than its global ones)."""
     blocks = model.get_submodule(adapter_for(model.config.to_dict()).blocks)
-    captured: list[tuple[torch.Tensor, tuple, dict]] = []
+    first_inputs: list[torch.Tensor] = []
+    calls: dict[int, tuple[tuple, dict]] = {}
 
-    def catch(module, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
+    def record(module, args, kwargs):
+        if module is blocks[0]:
+            first_inputs.append(args[0])
+        calls.setdefault(id(module), (args[1:], kwargs))
 
-    hook = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
     with torch.no_grad():
         for window in windows:
-            try:
-                model(window.unsqueeze(0), use_cache=False)
-            except _Stop:
-                pass
-    hook.remove()
-    _, args, kwargs = captured[0]
+            model(window.unsqueeze(0), use_cache=False)
+    for hook in hooks:
+        hook.remove()
 
     def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = calls[id(block)]
         out = block(x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    return [h for h, _, _ in captured], forward
+    return first_inputs, forward
 
 
 def load_with_biases(model_dir: Path) -> AutoModelForCausalLM:
@@ -112,7 +109,7 @@ def compress_in_memory(
                     result = method.compress(linears[name], stats[name], layer_target)
                     linears[name].weight.copy_(result.weight)
         if reconstruction.enabled:
-            norms = {name: block.get_submodule(name) for name in adapter.norms}
+            norms = adapter.block_norms(block)
             generator = torch.Generator().manual_seed(block_seed(seed, index))
             batches = list(zip(hidden, dense))
             reconstruct(block, linears, norms, lambda x: forward(block, x), batches, reconstruction, generator)

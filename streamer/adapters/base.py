@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 
 @dataclass(frozen=True)
 class ChannelGroup:
@@ -47,10 +49,14 @@ class Adapter:
         e.g. OPT-350m has no final layer norm but a projection).
     sequential_groups: the compressible linear layers of one block, relative to the block, grouped by the order of
         the block's forward: a group's inputs depend only on groups before it (used by --true-sequential).
-    norms: the block's normalization layers, relative to the block (trained by --reconstruct norms).
+    norms: the block's normalization layers, relative to the block (trained by --reconstruct norms); names a
+        config does not build are skipped (Falcon builds `ln_attn`/`ln_mlp` or `input_layernorm`, per config).
     bias_flags: config.json flags that give the block's linear layers biases (set by --reconstruct biases so that
         the output, with its new bias tensors, loads in transformers); flags a family's config lacks are ignored.
     channel_groups: what structured pruning may remove from a block (empty: the family cannot be pruned so).
+    unprunable: why the family declares no channel group (named in structured pruning's refusal), if it declares none.
+    logit_softcap_key: config attribute of the cap the head applies to its logits (cap · tanh(logits / cap), Gemma
+        2/3); the final stage applies it where the config sets it.
     """
 
     name: str
@@ -61,7 +67,19 @@ class Adapter:
     norms: tuple[str, ...] = ()
     bias_flags: tuple[str, ...] = ()
     channel_groups: tuple[ChannelGroup, ...] = ()
+    unprunable: str = ""
+    logit_softcap_key: str | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential_groups for name in group)
+
+    def block_norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's normalization layers that its config builds."""
+        present = {}
+        for name in self.norms:
+            try:
+                present[name] = block.get_submodule(name)
+            except AttributeError:
+                continue
+        return present
