@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from . import hostmemory
 from .adapters import Adapter, adapter_for
@@ -77,6 +79,19 @@ class _CallRecorder(nn.Module):
         return _BlockOutput((hidden,))
 
 
+def renamed_checkpoint_names(model: PreTrainedModel, checkpoint_names: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint name for the checkpoint tensors that transformers' own renaming rules for this
+    model class rename on loading (GPT-NeoX checkpoints store the head as `embed_out`, the model calls it
+    `lm_head`), so that layerpress reads and writes the checkpoint's own names."""
+    renamings = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
+    renamed = {}
+    for name in checkpoint_names:
+        model_name = rename_source_key(name, renamings, [])[0]
+        if model_name != name:
+            renamed[model_name] = name
+    return renamed
+
+
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
     """The dtype the checkpoint was saved in: config.json's record, else its first floating tensor's."""
     recorded = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype")
@@ -124,6 +139,7 @@ class StagedModel:
         self._names: dict[str, str] = {}
         self._new: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # checkpoint name -> (dtype, shape)
         self._read_ahead: dict[str, torch.Tensor] = {}  # read for the output copy, kept for the pre-block stage
+        self._renamed = renamed_checkpoint_names(self.model, list(checkpoint.entries))
         for name, tensor in self.model.state_dict().items():
             self._names[name] = self._new_name(name, tensor) if name not in before else self._checkpoint_name(name)
         self._check_modules()
@@ -145,6 +161,8 @@ class StagedModel:
         prefix = self.model.base_model_prefix + "."
         if name in entries:
             return name
+        if name in self._renamed:
+            return self._renamed[name]
         if name.startswith(prefix) and name[len(prefix) :] in entries:
             return name[len(prefix) :]  # checkpoints saved from the base model (facebook/opt-*, bigscience/bloom)
         tied = getattr(self.model, "_tied_weights_keys", None)
@@ -170,11 +188,8 @@ class StagedModel:
         for name in self.adapter.linear_names:
             if not isinstance(block.get_submodule(name), nn.Linear):
                 raise LayerpressError(f"{self.adapter.name} block has no linear layer {name!r}")
-        for name in self.adapter.norms:
-            try:
-                block.get_submodule(name)
-            except AttributeError as exc:
-                raise LayerpressError(f"{self.adapter.name} block has no normalization layer {name!r}") from exc
+        if self.adapter.norms and not self.adapter.block_norms(block):
+            raise LayerpressError(f"{self.adapter.name} block has none of the normalization layers {self.adapter.norms}")
 
     @property
     def num_blocks(self) -> int:
@@ -352,11 +367,13 @@ class StagedModel:
         names = self.final_stage_names()
         self.materialize(names)
         modules = self._final_modules()
+        key = self.adapter.logit_softcap_key
+        cap = getattr(self.config, key, None) if key else None
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
             for module in modules:
                 hidden = module(hidden)
-            return hidden
+            return cap * torch.tanh(hidden / cap) if cap else hidden
 
         try:
             yield logits
