@@ -36,7 +36,8 @@ LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_h
 NEOX = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             rotary_pct=0.25, max_position_embeddings=256)
 FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-GEMMA = dict(LLAMA_LIKE, head_dim=16, sliding_window=8, final_logit_softcapping=5.0)  # windows of 32 > 8: they differ
+# windows of 32 tokens > the sliding window of 8, so sliding layers differ; a cap small enough to change the logits
+GEMMA = dict(LLAMA_LIKE, head_dim=16, sliding_window=8, final_logit_softcapping=0.2)
 FAMILY_CONFIGS = {
     "qwen3": lambda: Qwen3Config(**LLAMA_LIKE, head_dim=16, tie_word_embeddings=False),
     "phi3": lambda: Phi3Config(**LLAMA_LIKE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
