@@ -189,7 +189,9 @@ class StagedModel:
             if not isinstance(block.get_submodule(name), nn.Linear):
                 raise LayerpressError(f"{self.adapter.name} block has no linear layer {name!r}")
         if self.adapter.norms and not self.adapter.block_norms(block):
-            raise LayerpressError(f"{self.adapter.name} block has none of the normalization layers {self.adapter.norms}")
+            raise LayerpressError(
+                f"{self.adapter.name} block has none of the normalization layers {self.adapter.norms}"
+            )
 
     @property
     def num_blocks(self) -> int:

@@ -167,7 +167,8 @@ def test_streamed_eval_gives_the_models_own_perplexity(family_checkpoints, calib
 def test_other_methods_stream_as_in_memory(family_checkpoints, calib, tmp_path, family, options, method, target):
     model = family_checkpoints(family)
     run_compress(model, tmp_path / "out", calib, *options)
-    assert_state_equals(tmp_path / "out", compress_in_memory(model, METHODS[method](), target, windows_of(model, calib)))
+    expected = compress_in_memory(model, METHODS[method](), target, windows_of(model, calib))
+    assert_state_equals(tmp_path / "out", expected)
 
 
 @pytest.mark.parametrize("sparse", ["gemma3", "falcon-new-rotary"], indirect=True)
@@ -195,7 +196,8 @@ def test_flap_streams_as_in_memory_and_the_smaller_model_computes_the_masked_one
                                                                                  tmp_path, family):
     model, out = family_checkpoints(family), tmp_path / "out"
     assert run_flap(model, out, calib) == 0
-    method = Flap.from_args(main.build_parser().parse_args(["compress", "--model", "m", "--out", "o", "--ratio", "0.3"]))
+    options = ["compress", "--model", "m", "--out", "o", "--ratio", "0.3"]
+    method = Flap.from_args(main.build_parser().parse_args(options))
     expected, masked, _ = structured_in_memory(model, method, windows_of(model, calib))
     pruned = load_model(out)
     state = pruned.state_dict()

@@ -47,7 +47,9 @@ def adapter_for(config: dict) -> Adapter:
         if model_type in adapter.model_types:
             return adapter
     if not model_type:
-        raise LayerpressError(f"config.json names no model_type; declared model types: {', '.join(supported_model_types())}")
+        raise LayerpressError(
+            f"config.json names no model_type; declared model types: {', '.join(supported_model_types())}"
+        )
     return _derived(json.dumps(config, sort_keys=True, default=str))
 
 
