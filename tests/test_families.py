@@ -29,6 +29,7 @@ from streamer.model import load_model
 from tests.conftest import ROOT, VOCAB, make_tiny_checkpoint
 from tests.reference import compress_in_memory, structured_in_memory
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
+from tests.test_gradients import load_gradients, run_gradients, whole_model_gradient_norms
 from tests.test_resume import output_digest
 
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -155,6 +156,18 @@ def test_streamed_eval_gives_the_models_own_perplexity(family_checkpoints, calib
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     streamed = perplexity(model, calib, seqlen=SEQLEN, windows=2)
     assert math.isclose(streamed["ppl"], math.exp(nll.item()), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox-parallel"])
+def test_streamed_gradients_equal_whole_model_backward(family_checkpoints, calib, tmp_path, family):
+    """The backward pass through the soft-capped head and blocks with their own masks (Gemma), and through a head
+    the checkpoint names otherwise (GPT-NeoX's embed_out)."""
+    model = family_checkpoints(family)
+    assert run_gradients(model, tmp_path / "grad", calib) == 0
+    expected, streamed = whole_model_gradient_norms(model, windows_of(model, calib)), load_gradients(tmp_path / "grad")
+    assert streamed.keys() == expected.keys()
+    for name, norms in expected.items():
+        torch.testing.assert_close(streamed[name], norms, rtol=1e-5, atol=1e-5 * norms.abs().max().item(), msg=name)
 
 
 # ---------------------------------------------------------------- other methods, on one family each
