@@ -14,11 +14,12 @@ from .falcon import FALCON
 from .gemma import GEMMA2, GEMMA3
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .mixtral import MIXTRAL
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen3 import QWEN3
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BLOOM, QWEN3, PHI3, GPT_NEOX, FALCON, GEMMA2, GEMMA3)
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BLOOM, QWEN3, PHI3, GPT_NEOX, FALCON, GEMMA2, GEMMA3, MIXTRAL)
 
 
 def supported_model_types() -> list[str]:
@@ -45,7 +46,7 @@ def adapter_for(config: dict) -> Adapter:
     model_type = config.get("model_type")
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            return adapter
+            return adapter.for_config(config)
     if not model_type:
         raise LayerpressError(
             f"config.json names no model_type; declared model types: {', '.join(supported_model_types())}"
