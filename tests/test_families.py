@@ -14,20 +14,22 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, MixtralConfig, Phi3Config,
-    Qwen3Config, Starcoder2Config,
+    Qwen2MoeConfig, Qwen3Config, Starcoder2Config,
 )
 
 import main
 from methods import METHODS, QuantSpec, Target
+from methods.base import Statistic
 from methods.flap import Flap
 from methods.reconstruct import Reconstruction
 from streamer.adapters import adapter_for
+from streamer.block import observe
 from streamer.checkpoint import Checkpoint
 from streamer.commands.evaluate import perplexity
 from streamer.data import calibration_windows, evaluation_windows, load_text, load_tokenizer, tokenize
-from streamer.model import load_model
+from streamer.model import StagedModel, load_model
 from tests.conftest import ROOT, VOCAB, make_tiny_checkpoint
-from tests.reference import compress_in_memory, structured_in_memory
+from tests.reference import compress_in_memory, first_block_inputs, in_memory_model, structured_in_memory
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
 from tests.test_gradients import load_gradients, run_gradients, whole_model_gradient_norms
 from tests.test_resume import output_digest
@@ -49,6 +51,7 @@ FAMILY_CONFIGS = {
     "gemma2": lambda: Gemma2Config(**GEMMA),
     "gemma3": lambda: Gemma3TextConfig(**GEMMA, layer_types=["sliding_attention", "full_attention"]),
     "starcoder2-derived": lambda: Starcoder2Config(**LLAMA_LIKE, sliding_window=8),
+    "mixtral": lambda: MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
 BLOCKS = 2
@@ -80,15 +83,17 @@ def windows_of(model, calib) -> torch.Tensor:
 
 
 def assert_state_equals(out, expected: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
-    streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    """The output's tensors equal the oracle's (both with experts unfused: one linear layer per expert matrix)."""
+    streamed = load_model(out, torch.float32).state_dict()
     assert streamed.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=atol, msg=name)
 
 
-def linear_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
-    adapter = adapter_for(json.loads((model / "config.json").read_text()))
-    return [name for name in state if any(name.endswith(f".{linear}.weight") for linear in adapter.linear_names)]
+def linear_weights(model) -> list[str]:
+    """Checkpoint names of every compressible weight (Mixtral's: block_sparse_moe.experts.E.w1.weight ...)."""
+    staged = StagedModel(Checkpoint(model), torch.device("cpu"))
+    return [name for index in range(staged.num_blocks) for name in staged.linear_weight_names(index).values()]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -110,7 +115,7 @@ def test_streamed_sparsegpt_equals_in_memory(sparse):
 
 def test_output_loads_with_from_pretrained_and_gives_the_in_memory_logits(sparse):
     _, model, out, expected = sparse
-    oracle = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    oracle = in_memory_model(model)
     oracle.load_state_dict(expected)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 13, 14, 15, 16, 17, 18]])  # longer than the window
@@ -121,7 +126,7 @@ def test_output_loads_with_from_pretrained_and_gives_the_in_memory_logits(sparse
 def test_two_of_four_holds_in_every_group(sparse):
     _, model, out, _ = sparse
     state = load_state(out)
-    weights = linear_weights(model, state)
+    weights = linear_weights(model)
     assert len(weights) == BLOCKS * len(adapter_for(json.loads((model / "config.json").read_text())).linear_names)
     for name in weights:
         assert ((state[name].reshape(state[name].shape[0], -1, 4) == 0).sum(dim=-1) >= 2).all(), name
@@ -224,6 +229,7 @@ def test_flap_streams_as_in_memory_and_the_smaller_model_computes_the_masked_one
 @pytest.mark.parametrize("family, reason", [
     ("phi3", "fused qkv_proj and gate_up_proj"),
     ("starcoder2-derived", "derived from the module tree"),
+    ("mixtral", "experts declare no heads or channels"),
 ])
 def test_flap_is_refused_in_one_line_where_channels_cannot_be_cut_whole(family_checkpoints, calib, tmp_path, capsys,
                                                                        family, reason):
@@ -232,13 +238,16 @@ def test_flap_is_refused_in_one_line_where_channels_cannot_be_cut_whole(family_c
     assert "\n" not in error and "removed whole" in error and reason in error
 
 
-@pytest.mark.parametrize("family", ["falcon-old-alibi", "gemma2"])
-def test_streamed_reconstruction_equals_in_memory(family_checkpoints, calib, tmp_path, family):
-    """Falcon's single-norm layout and Gemma's four norms per block are trained; biases where the family allows."""
+@pytest.mark.parametrize("family, subsets", [
+    ("falcon-old-alibi", "biases,norms,masklora"), ("gemma2", "biases,norms,masklora"), ("mixtral", "norms,masklora"),
+])
+def test_streamed_reconstruction_equals_in_memory(family_checkpoints, calib, tmp_path, family, subsets):
+    """Falcon's single-norm layout, Gemma's four norms per block and Mixtral's experts are trained; biases where the
+    family allows them (Mixtral has no bias flag)."""
     model, out = family_checkpoints(family), tmp_path / "out"
-    run_compress(model, out, calib, "--method", "wanda", "--sparsity", "0.6", "--reconstruct", "biases,norms,masklora",
+    run_compress(model, out, calib, "--method", "wanda", "--sparsity", "0.6", "--reconstruct", subsets,
                  "--recon-steps", "8", "--recon-lr", "1e-2", "--lora-rank", "4")
-    settings = Reconstruction(subsets=("biases", "norms", "masklora"), steps=8, lr=1e-2, rank=4)
+    settings = Reconstruction(subsets=tuple(subsets.split(",")), steps=8, lr=1e-2, rank=4)
     expected = compress_in_memory(model, METHODS["wanda"](), Target(sparsity=0.6), windows_of(model, calib),
                                   reconstruction=settings)
     assert_state_equals(out, expected, atol=1e-5)
@@ -255,12 +264,97 @@ def test_an_undeclared_family_of_the_common_shape_gets_a_derived_adapter(family_
     assert adapter.final == ("model.norm", "lm_head")
 
 
-def test_a_mixture_of_experts_family_is_refused_in_one_line_naming_what_is_missing(tokenizer, tmp_path, calib, capsys):
-    config = MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)
-    model = make_tiny_checkpoint("mixtral", tmp_path / "mixtral", tokenizer, config=config)
+def test_a_family_it_cannot_derive_is_refused_in_one_line_naming_what_is_missing(tokenizer, tmp_path, calib,
+                                                                                 capsys):
+    """Qwen2-MoE: experts (and a shared expert) that no adapter declares."""
+    config = Qwen2MoeConfig(**LLAMA_LIKE, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                            num_experts_per_tok=2)
+    model = make_tiny_checkpoint("qwen2_moe", tmp_path / "qwen2_moe", tokenizer, config=config)
     assert main.main(["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib),
                       "--device", "cpu"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]  # the lines before: saving the tiny checkpoint
     assert error.startswith("layerpress: error: unsupported architecture")
-    assert "\n" not in error and "'mixtral'" in error and "mlp.experts (MixtralExperts)" in error
+    assert "'qwen2_moe'" in error and "mlp.experts (Qwen2MoeExperts)" in error
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+# ---------------------------------------------------------------- mixture of experts (Mixtral)
+
+class Inputs(Statistic):
+    """Keeps every input row it is fed."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def update(self, inputs: torch.Tensor) -> None:
+        self.rows.append(inputs.reshape(-1, inputs.shape[-1]))
+
+
+@pytest.fixture(scope="module")
+def mixtral_block(family_checkpoints, calib):
+    """Block 0 of tiny Mixtral in memory (experts unfused), its inputs, and each expert's routed token indices."""
+    model = in_memory_model(family_checkpoints("mixtral"))
+    adapter = adapter_for(model.config.to_dict())
+    block = model.get_submodule(adapter.blocks)[0]
+    hidden, forward = first_block_inputs(model, windows_of(family_checkpoints("mixtral"), calib))
+    hidden = torch.cat(hidden)  # the windows as one batch: token t of the experts' input is row t
+    moe_inputs = []
+    hook = block.mlp.register_forward_pre_hook(lambda _, args: moe_inputs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        dense = forward(block, hidden)
+    hook.remove()
+    _, _, top_k_index = block.mlp.gate(moe_inputs[0])
+    routed = {expert: torch.where((top_k_index == expert).any(dim=-1))[0] for expert in range(4)}
+    return adapter, block, lambda: forward(block, hidden), moe_inputs[0], routed, dense
+
+
+def expert_inputs(adapter, block, run, expert: int) -> tuple[torch.Tensor, dict[str, int]]:
+    name = f"mlp.experts.{expert}.{adapter.experts.gate}"
+    statistic = Inputs()
+    with torch.no_grad():
+        tokens = observe({name: block.get_submodule(name)}, {name: statistic}, run)
+    return torch.cat(statistic.rows), tokens[name]
+
+
+def test_an_experts_statistics_come_from_exactly_the_tokens_routed_to_it(mixtral_block):
+    adapter, block, run, moe_inputs, routed, _ = mixtral_block
+    for expert, tokens in routed.items():
+        seen, count = expert_inputs(adapter, block, run, expert)
+        assert count == tokens.numel() > 0
+        torch.testing.assert_close(seen, moe_inputs[tokens], rtol=0, atol=0)
+
+
+def test_an_expert_observed_on_every_token_keeps_the_blocks_real_routing(mixtral_block):
+    """The rule for starved experts: statistics from all tokens, while the block's output is the routed one."""
+    adapter, block, run, moe_inputs, _, dense = mixtral_block
+    experts = block.get_submodule(adapter.experts.path)
+    experts.observe_all = {1}
+    try:
+        seen, count = expert_inputs(adapter, block, run, 1)
+        with torch.no_grad():
+            output = run()
+    finally:
+        experts.observe_all = set()
+    assert count == moe_inputs.shape[0]
+    torch.testing.assert_close(seen, moe_inputs, rtol=0, atol=0)
+    torch.testing.assert_close(output, dense, rtol=0, atol=1e-6)
+
+
+def test_experts_below_the_token_minimum_are_logged_and_stream_as_in_memory(family_checkpoints, calib, tmp_path,
+                                                                            caplog):
+    model = family_checkpoints("mixtral")
+    with caplog.at_level("INFO", logger="layerpress"):
+        run_compress(model, tmp_path / "out", calib, "--method", "sparsegpt", "--expert-min-tokens", "80")
+    starved = [record.getMessage() for record in caplog.records if "routed tokens" in record.getMessage()]
+    assert starved and all("statistics from all 128 calibration tokens" in line for line in starved)
+    expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(sparsity=0.5), windows_of(model, calib),
+                                  expert_min_tokens=80)
+    assert_state_equals(tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("sparse", ["mixtral"], indirect=True)
+def test_the_router_is_not_compressed(sparse):
+    _, model, out, _ = sparse
+    original, compressed = load_state(model), load_state(out)
+    routers = [name for name in original if name.endswith("block_sparse_moe.gate.weight")]
+    assert len(routers) == BLOCKS and all(torch.equal(compressed[name], original[name]) for name in routers)
