@@ -3,8 +3,8 @@
 The router (`block_sparse_moe.gate`) is not compressed. Each expert's three matrices (`w1` gate, `w3` up, `w2` down,
 as the checkpoint stores them) are compressible layers of their own, built unfused (streamer/experts.py): their
 statistics come from the tokens the router sends to the expert, or, for an expert that receives fewer than
---expert-min-tokens, from every calibration token (streamer/block.py). No structured pruning: experts have no
-channel groups declared.
+--expert-min-tokens, from every calibration token (streamer/block.py). No structured pruning: transformers' fused
+experts have one intermediate width for all, which the output must keep to load.
 """
 
 from .base import EXPERT, Adapter, ExpertLayout
@@ -22,5 +22,6 @@ MIXTRAL = Adapter(
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
     experts=ExpertLayout(path="mlp.experts", count_key="num_local_experts", gate="w1", up="w3", down="w2"),
-    unprunable="its experts declare no heads or channels (and the router would see other widths)",
+    unprunable="transformers' fused experts hold one intermediate width for all experts, so no expert can lose "
+    "channels alone",
 )
