@@ -111,6 +111,7 @@ def observe_starved_experts(
                  "statistics from all %d calibration tokens", context.index + 1, expert, count, min_tokens,
                  context.acts.inputs.shape[0] * context.acts.inputs.shape[1])
     for name in starved:
+        del statistics[name]  # freed before its replacement is made: the plan holds one statistic per layer
         statistics[name] = fresh(name)
     experts = context.block.get_submodule(layout.path)
     experts.observe_all = set(counts)
@@ -178,13 +179,11 @@ def compress_block(
                     observe_inputs(statistics)
                 compress_layer(name, statistics.pop(name))
         else:
-            statistics = {name: fresh(name) for name in group}
-            observed = {name: stat for name, stat in statistics.items() if stat is not None}
+            observed = {name: statistic for name in group if (statistic := fresh(name)) is not None}
             if observed:
-                observe_inputs(observed)
-                statistics.update(observed)  # starved experts' statistics replaced
+                observe_inputs(observed)  # starved experts' statistics are replaced in it
             for name in group:  # each statistic is dropped as soon as its layer is done
-                compress_layer(name, statistics.pop(name))
+                compress_layer(name, observed.pop(name, None))
     return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 
 

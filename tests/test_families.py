@@ -349,9 +349,18 @@ def test_experts_below_the_token_minimum_are_logged_and_stream_as_in_memory(fami
         run_compress(model, tmp_path / "out", calib, "--method", "sparsegpt", "--expert-min-tokens", "80")
     starved = [record.getMessage() for record in caplog.records if "routed tokens" in record.getMessage()]
     assert starved and all("statistics from all 128 calibration tokens" in line for line in starved)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layerpress"]["expert_min_tokens"] == 80
     expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(sparsity=0.5), windows_of(model, calib),
                                   expert_min_tokens=80)
     assert_state_equals(tmp_path / "out", expected)
+
+
+def test_an_expert_minimum_below_one_token_is_refused(family_checkpoints, calib, tmp_path, capsys):
+    model = family_checkpoints("mixtral")
+    capsys.readouterr()
+    run = ["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib), "--device", "cpu"]
+    assert main.main([*run, "--expert-min-tokens", "0"]) == 1
+    assert "--expert-min-tokens must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sparse", ["mixtral"], indirect=True)
