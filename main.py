@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from methods import METHODS, Method, QuantSpec, Target
 from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
+from streamer.block import DEFAULT_EXPERT_MIN_TOKENS
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
 from streamer.errors import LayerpressError
 from streamer.formats import FORMATS
@@ -150,6 +151,10 @@ def add_method(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--true-sequential", action="store_true",
                         help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
                         "through the already-compressed groups before it")
+    parser.add_argument("--expert-min-tokens", type=int, default=DEFAULT_EXPERT_MIN_TOKENS, metavar="N",
+                        help="mixture of experts: an expert the router sends fewer calibration tokens takes its "
+                        f"statistics from all of them (the block's output keeps the real routing; default "
+                        f"{DEFAULT_EXPERT_MIN_TOKENS}; a number above the calibration tokens: every expert so)")
     method_options = parser.add_argument_group("method options")
     sharing = {cls.add_arguments.__func__: cls for cls in METHODS.values()}  # sparsegpt and gptq share options
     for cls in sharing.values():
@@ -461,6 +466,7 @@ def compress_settings(args: argparse.Namespace):
         calibration=calibration_options(args),
         dtype=compute_dtype(args),
         true_sequential=args.true_sequential,
+        expert_min_tokens=args.expert_min_tokens,
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
         stream=stream_options(args),

@@ -224,14 +224,15 @@ def _attach(
 
 
 def _merge(targets: list[tuple[nn.Module, str]], keep_zeros: bool) -> None:
-    """Write the trained values into the tensors; with keep_zeros, a weight whose zeros are not exactly the old
-    ones is an error (and is left as it was)."""
+    """Write the trained values into the tensors; with keep_zeros, a linear weight whose zeros are not exactly the
+    old ones is an error (and is left as it was)."""
     for module, name in targets:
         original = module.parametrizations[name].original
         merged = getattr(module, name)
         if not torch.isfinite(merged).all():
             raise ValueError(f"reconstruction produced non-finite values in a {type(module).__name__}.{name}")
-        if keep_zeros and name == "weight":
+        # only a linear weight's zeros are a mask: a norm's may be trained values (Gemma's scale by 1 + weight)
+        if keep_zeros and name == "weight" and isinstance(module, nn.Linear):
             pruned = original == 0
             before, after = int(pruned.sum()), int((merged == 0).sum())
             if after != before or merged[pruned].any():

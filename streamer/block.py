@@ -10,6 +10,9 @@ layers (q/k/v, then the output projection, ...), so each group sees inputs that 
 groups. With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer,
 which propagation fills only later); after compression a few parameters are trained towards them and merged
 (methods/reconstruct.py), so the next block's inputs come from the block as written.
+
+In a mixture of experts, an expert's layers see only the tokens the router sends it; an expert sent fewer than
+--expert-min-tokens is observed again on every token (observe_starved_experts), its output keeping the routing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .stream import BlockContext
 
 log = logging.getLogger("layerpress")
 
+DEFAULT_EXPERT_MIN_TOKENS = 16  # fewer routed calibration tokens than this: an expert's statistics from all tokens
+
 
 class LayersObserved(Exception):
     """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
@@ -42,16 +47,19 @@ def observe(
     statistics: dict[str, Statistic],
     run_block: Callable[[], None],
     stop_early: bool = False,
-) -> None:
-    """Run the block once with every layer's inputs fed to its statistic.
+) -> dict[str, int]:
+    """Run the block once with every layer's inputs fed to its statistic; returns the tokens each layer saw (all
+    calibration tokens, but for a routed expert's layers only those the router sent it).
 
     stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
-    each micro-batch, as `forward_until_observed` does).
+    each micro-batch, as `forward_until_observed` does); not for experts' layers, which a micro-batch may not call.
     """
     waiting: set[str] = set(statistics)
+    tokens = dict.fromkeys(statistics, 0)
 
     def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
         statistic.update(inputs)
+        tokens[name] += inputs.numel() // inputs.shape[-1]
         waiting.discard(name)
         if stop_early and not waiting:
             waiting.update(statistics)
@@ -66,6 +74,7 @@ def observe(
     finally:
         for hook in hooks:
             hook.remove()
+    return tokens
 
 
 def forward_until_observed(context: BlockContext) -> Callable[[], None]:
@@ -80,6 +89,38 @@ def forward_until_observed(context: BlockContext) -> Callable[[], None]:
     return lambda: context.acts.run(step, context.device, keep_outputs=False)
 
 
+def observe_starved_experts(
+    context: BlockContext,
+    statistics: dict[str, Statistic],
+    tokens: dict[str, int],
+    min_tokens: int,
+    fresh: Callable[[str], Statistic],
+) -> None:
+    """The rule for experts the router sends few or no calibration tokens: an expert whose layers saw fewer than
+    `min_tokens` takes its statistics from every calibration token instead (its layers observed again, the block's
+    output keeping the real routing), logged with its token count. Replaces those layers' `statistics`."""
+    layout = context.staged.adapter.experts
+    if layout is None:
+        return
+    starved = [name for name in statistics if layout.expert_of(name) is not None and tokens[name] < min_tokens]
+    if not starved:
+        return
+    counts = {layout.expert_of(name): tokens[name] for name in starved}
+    for expert, count in counts.items():
+        log.info("block %d: expert %d received %d routed tokens (fewer than --expert-min-tokens %d): its "
+                 "statistics from all %d calibration tokens", context.index + 1, expert, count, min_tokens,
+                 context.acts.inputs.shape[0] * context.acts.inputs.shape[1])
+    for name in starved:
+        del statistics[name]  # freed before its replacement is made: the plan holds one statistic per layer
+        statistics[name] = fresh(name)
+    experts = context.block.get_submodule(layout.path)
+    experts.observe_all = set(counts)
+    try:
+        observe(context.linears, {name: statistics[name] for name in starved}, forward_until_observed(context))
+    finally:
+        experts.observe_all = set()
+
+
 def compress_block(
     context: BlockContext,
     method: Method,
@@ -88,6 +129,7 @@ def compress_block(
     per_layer_statistics: bool = False,
     keep_dense_outputs: bool = False,
     precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
 ) -> dict[str, LayerResult]:
     """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
     is the layer's own (installed, not a copy).
@@ -98,20 +140,27 @@ def compress_block(
     keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
     anything is compressed, runs whole and stores them; a method that observes nothing gets one forward for them).
     precomputed: by layer name, the tensors the method's `statistic` takes besides the layer (see Method.precomputed).
+    expert_min_tokens: experts routed fewer calibration tokens are observed on all of them (observe_starved_experts).
     """
     linears = context.linears
     precomputed = precomputed or {}
     results = {}
     dense_outputs_pending = keep_dense_outputs
+    stop_early = context.staged.adapter.experts is None
+
+    def fresh(name: str) -> Statistic:
+        return method.statistic(linears[name], **precomputed.get(name, {}))
 
     def observe_inputs(statistics: dict[str, Statistic]) -> None:
+        """Observe the layers of `statistics` (experts starved of tokens: again, on all; see the rule above)."""
         nonlocal dense_outputs_pending
         with context.phase("observe"):
             if dense_outputs_pending:
-                observe(linears, statistics, lambda: context.forward(keep_outputs=True))
+                tokens = observe(linears, statistics, lambda: context.forward(keep_outputs=True))
                 dense_outputs_pending = False
             else:
-                observe(linears, statistics, forward_until_observed(context), stop_early=True)
+                tokens = observe(linears, statistics, forward_until_observed(context), stop_early=stop_early)
+            observe_starved_experts(context, statistics, tokens, expert_min_tokens, fresh)
 
     def compress_layer(name: str, statistic: Statistic | None) -> None:
         nonlocal dense_outputs_pending
@@ -125,17 +174,16 @@ def compress_block(
     for group in groups:
         if per_layer_statistics:
             for name in reversed(group):
-                statistic = method.statistic(linears[name], **precomputed.get(name, {}))
-                if statistic is not None:
-                    observe_inputs({name: statistic})
-                compress_layer(name, statistic)
-                del statistic
-        else:
-            statistics = {name: method.statistic(linears[name], **precomputed.get(name, {})) for name in group}
-            if any(stat is not None for stat in statistics.values()):
-                observe_inputs({name: stat for name, stat in statistics.items() if stat is not None})
-            for name in group:  # each statistic is dropped as soon as its layer is done
+                statistics = {name: fresh(name)}
+                if statistics[name] is not None:
+                    observe_inputs(statistics)
                 compress_layer(name, statistics.pop(name))
+        else:
+            observed = {name: statistic for name in group if (statistic := fresh(name)) is not None}
+            if observed:
+                observe_inputs(observed)  # starved experts' statistics are replaced in it
+            for name in group:  # each statistic is dropped as soon as its layer is done
+                compress_layer(name, observed.pop(name, None))
     return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 
 

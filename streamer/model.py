@@ -4,8 +4,8 @@ The skeleton is built from config.json with transformers' own class on the meta 
 by real tensors stage by stage (pre-block stage, one block, final stage) and turned back into meta tensors when the
 stage is done, so memory holds one stage at a time whatever the depth of the model.
 
-How a block is called is not written down per family: the model's own forward is run with a catcher in place of
-the first block, which records the arguments (masks, rotary tables, ALiBi, position ids) the model passes to it.
+How a block is called is not written down per family: the model's own forward is run with call recorders in place
+of the blocks, which record the arguments (masks, rotary tables, ALiBi, position ids) the model passes to each.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from . import hostmemory
 from .adapters import Adapter, adapter_for
@@ -44,22 +46,50 @@ class LinearLayer:
     params: int
 
 
-class _FirstBlockReached(Exception):
+class _LastBlockReached(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records how the model calls it, then stops the forward."""
+class _BlockOutput(tuple):
+    """What a call recorder returns in place of a block: a 1-tuple holding the hidden states, so that models that
+    take a block's output whole (transformers 5 layers) and those that take its first item (Falcon) both pass the
+    hidden states on to the next recorder unchanged."""
 
-    def __init__(self) -> None:
+
+class _CallRecorder(nn.Module):
+    """Stands in for one block: records how the model calls it and passes the hidden states on unchanged; the
+    recorder of the last block stops the forward.
+
+    Every block is recorded, because the call may differ per block: Gemma gives sliding-window layers another mask
+    (and Gemma 3 other rotary tables) than global ones. Arguments equal between blocks stay shared objects.
+    """
+
+    def __init__(self, last: bool) -> None:
         super().__init__()
+        self.last = last
         self.hidden: torch.Tensor | None = None
         self.extras: BlockExtras | None = None
 
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def forward(self, hidden: torch.Tensor | _BlockOutput, *args: Any, **kwargs: Any) -> _BlockOutput:
+        hidden = hidden[0] if isinstance(hidden, _BlockOutput) else hidden
         self.hidden = hidden
         self.extras = BlockExtras(args, kwargs)
-        raise _FirstBlockReached
+        if self.last:
+            raise _LastBlockReached
+        return _BlockOutput((hidden,))
+
+
+def renamed_checkpoint_names(model: PreTrainedModel, checkpoint_names: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint name for the checkpoint tensors that transformers' own renaming rules for this
+    model class rename on loading (GPT-NeoX checkpoints store the head as `embed_out`, the model calls it
+    `lm_head`), so that layerpress reads and writes the checkpoint's own names."""
+    renamings = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
+    renamed = {}
+    for name in checkpoint_names:
+        model_name = rename_source_key(name, renamings, [])[0]
+        if model_name != name:
+            renamed[model_name] = name
+    return renamed
 
 
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
@@ -109,6 +139,7 @@ class StagedModel:
         self._names: dict[str, str] = {}
         self._new: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # checkpoint name -> (dtype, shape)
         self._read_ahead: dict[str, torch.Tensor] = {}  # read for the output copy, kept for the pre-block stage
+        self._renamed = renamed_checkpoint_names(self.model, list(checkpoint.entries))
         for name, tensor in self.model.state_dict().items():
             self._names[name] = self._new_name(name, tensor) if name not in before else self._checkpoint_name(name)
         self._check_modules()
@@ -130,6 +161,8 @@ class StagedModel:
         prefix = self.model.base_model_prefix + "."
         if name in entries:
             return name
+        if name in self._renamed:
+            return self._renamed[name]
         if name.startswith(prefix) and name[len(prefix) :] in entries:
             return name[len(prefix) :]  # checkpoints saved from the base model (facebook/opt-*, bigscience/bloom)
         tied = getattr(self.model, "_tied_weights_keys", None)
@@ -155,11 +188,10 @@ class StagedModel:
         for name in self.adapter.linear_names:
             if not isinstance(block.get_submodule(name), nn.Linear):
                 raise LayerpressError(f"{self.adapter.name} block has no linear layer {name!r}")
-        for name in self.adapter.norms:
-            try:
-                block.get_submodule(name)
-            except AttributeError as exc:
-                raise LayerpressError(f"{self.adapter.name} block has no normalization layer {name!r}") from exc
+        if self.adapter.norms and not self.adapter.block_norms(block):
+            raise LayerpressError(
+                f"{self.adapter.name} block has none of the normalization layers {self.adapter.norms}"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -337,11 +369,13 @@ class StagedModel:
         names = self.final_stage_names()
         self.materialize(names)
         modules = self._final_modules()
+        key = self.adapter.logit_softcap_key
+        cap = getattr(self.config, key, None) if key else None
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
             for module in modules:
                 hidden = module(hidden)
-            return hidden
+            return cap * torch.tanh(hidden / cap) if cap else hidden
 
         try:
             yield logits
@@ -360,28 +394,32 @@ class Embedder:
     def __init__(self, staged: StagedModel):
         self.staged = staged
 
-    def _run_to_first_block(self, input_ids: torch.Tensor) -> _Catcher:
+    def _record_block_calls(self, input_ids: torch.Tensor) -> list[_CallRecorder]:
         blocks = self.staged.blocks
-        catcher, first = _Catcher(), blocks[0]
-        blocks[0] = catcher
+        originals = list(blocks)
+        recorders = [_CallRecorder(last=index == len(blocks) - 1) for index in range(len(blocks))]
+        for index, recorder in enumerate(recorders):
+            blocks[index] = recorder
         try:
             with torch.no_grad():
                 self.staged.model(input_ids=input_ids.to(self.staged.device), use_cache=False)
-        except _FirstBlockReached:
+        except _LastBlockReached:
             pass
         finally:
-            blocks[0] = first
-        if catcher.hidden is None:
-            raise LayerpressError(f"{self.staged.adapter.name}: the model's forward never reached its first block")
-        return catcher
+            for index, block in enumerate(originals):
+                blocks[index] = block
+        missing = [index for index, recorder in enumerate(recorders) if recorder.extras is None]
+        if missing:
+            raise LayerpressError(f"{self.staged.adapter.name}: the model's forward never called block {missing[0]}")
+        return recorders
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._run_to_first_block(input_ids).hidden
+        return self._record_block_calls(input_ids)[0].hidden
 
-    def extras(self, batch_size: int, seqlen: int) -> BlockExtras:
-        """The block extras for unpadded windows of this shape (they do not depend on the token values)."""
+    def extras(self, batch_size: int, seqlen: int) -> list[BlockExtras]:
+        """Each block's extras for unpadded windows of this shape (they do not depend on the token values)."""
         dummy = torch.zeros(batch_size, seqlen, dtype=torch.long)
-        return self._run_to_first_block(dummy).extras
+        return [recorder.extras for recorder in self._record_block_calls(dummy)]
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -120,14 +120,14 @@ class BlockContext:
     block: nn.Module
     staged: StagedModel
     acts: Activations
-    extras: dict[int, BlockExtras]
+    extras: dict[int, list[BlockExtras]]  # batch size -> each block's call extras
     device: torch.device
     phase: Phases
     propagated: bool = False  # the block's final outputs are stored already: the loop need not run it again
 
     def call(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's outputs for one micro-batch of hidden states on the device (autograd as the caller sets it)."""
-        return self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]])
+        return self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]][self.index])
 
     def forward(self, keep_outputs: bool = False) -> None:
         """Run every window through the block (keep_outputs: store the results in acts.outputs, which are the next
@@ -145,7 +145,7 @@ class BlockContext:
 
     @property
     def norms(self) -> dict[str, nn.Module]:
-        return {name: self.block.get_submodule(name) for name in self.staged.adapter.norms}
+        return self.staged.adapter.block_norms(self.block)
 
 
 def stream_blocks(

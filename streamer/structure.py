@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from .adapters import Adapter, adapter_for
 from .adapters.base import ChannelGroup
 from .errors import LayerpressError
+from .experts import unfuse_experts
 
 STRUCTURE_KEY = "layerpress_structure"
 
@@ -129,6 +130,9 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> Skeleton:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skeleton = Skeleton(model, adapter, {})
     blocks = skeleton.blocks
+    if adapter.experts is not None:
+        for block in blocks:
+            unfuse_experts(block, adapter.experts)
     skeleton.layouts = {group.name: layout_of(config, blocks[0], group) for group in adapter.channel_groups}
     record = getattr(config, STRUCTURE_KEY, None)
     if record is not None:

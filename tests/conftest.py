@@ -45,10 +45,13 @@ def train_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_checkpoint(family: str, directory: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
-    """Save a random-weight model with small shards, so that one block spans several files."""
+def make_tiny_checkpoint(
+    family: str, directory: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, config=None
+) -> Path:
+    """Save a random-weight model with small shards, so that one block spans several files (config: instead of
+    the family's in TINY_CONFIGS)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family]())
+    model = AutoModelForCausalLM.from_config(config if config is not None else TINY_CONFIGS[family]())
     model.save_pretrained(directory, max_shard_size="40KB")
     tokenizer.save_pretrained(directory)
     return directory

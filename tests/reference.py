@@ -20,40 +20,49 @@ from methods.base import ChannelSummary, UnitGroup
 from methods.flap import unit_channels
 from methods.reconstruct import Reconstruction, reconstruct
 from streamer.adapters import Adapter, adapter_for
-from streamer.block import block_seed
+from streamer.block import DEFAULT_EXPERT_MIN_TOKENS, block_seed
+from streamer.experts import unfuse_experts
 from streamer.structure import layout_of
-
-
-class _Stop(Exception):
-    pass
 
 
 def first_block_inputs(
     model: nn.Module, windows: torch.Tensor
 ) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
-    """The first block's inputs for each window, and a function that calls any block the way the model does."""
+    """The first block's inputs for each window, and a function that calls any block the way the model calls it
+    (each block with its own arguments: Gemma's sliding-window layers get other masks than its global ones)."""
     blocks = model.get_submodule(adapter_for(model.config.to_dict()).blocks)
-    captured: list[tuple[torch.Tensor, tuple, dict]] = []
+    first_inputs: list[torch.Tensor] = []
+    calls: dict[int, tuple[tuple, dict]] = {}
 
-    def catch(module, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
+    def record(module, args, kwargs):
+        if module is blocks[0]:
+            first_inputs.append(args[0])
+        calls.setdefault(id(module), (args[1:], kwargs))
 
-    hook = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
     with torch.no_grad():
         for window in windows:
-            try:
-                model(window.unsqueeze(0), use_cache=False)
-            except _Stop:
-                pass
-    hook.remove()
-    _, args, kwargs = captured[0]
+            model(window.unsqueeze(0), use_cache=False)
+    for hook in hooks:
+        hook.remove()
 
     def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = calls[id(block)]
         out = block(x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    return [h for h, _, _ in captured], forward
+    return first_inputs, forward
+
+
+def in_memory_model(model_dir: Path) -> PreTrainedModel:
+    """transformers' model of the checkpoint in float32, its fused experts (if any) unfused as layerpress builds
+    them (the same computation, one linear layer per expert matrix)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    adapter = adapter_for(model.config.to_dict())
+    if adapter.experts is not None:
+        for block in model.get_submodule(adapter.blocks):
+            unfuse_experts(block, adapter.experts)
+    return model
 
 
 def load_with_biases(model_dir: Path) -> AutoModelForCausalLM:
@@ -82,15 +91,17 @@ def compress_in_memory(
     seed: int = 0,
     precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
     target_for: Callable[[str], Target] | None = None,
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
 ) -> dict[str, torch.Tensor]:
     """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it;
-    target_for: each layer's own target, by full layer name (default: `target` for all)."""
+    target_for: each layer's own target, by full layer name (default: `target` for all);
+    expert_min_tokens: an expert routed fewer tokens takes its statistics from every token (streamer/block.py)."""
     precomputed = precomputed or {}
     reconstruction = reconstruction or Reconstruction()
     if "biases" in reconstruction.subsets:
         model = load_with_biases(model_dir).eval()
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = in_memory_model(model_dir)
     model.requires_grad_(False)
     adapter = adapter_for(model.config.to_dict())
     blocks = model.get_submodule(adapter.blocks)
@@ -106,13 +117,25 @@ def compress_in_memory(
                     for name in group
                 }
                 if any(s is not None for s in stats.values()):
-                    feed(linears, stats, lambda: [forward(block, x) for x in hidden])
+                    tokens = feed(linears, stats, lambda: [forward(block, x) for x in hidden])
+                    again = [name for name in group if adapter.experts is not None
+                             and adapter.experts.expert_of(name) is not None and tokens[name] < expert_min_tokens]
+                    if again:  # the starved experts again, on every token
+                        for name in again:
+                            stats[name] = method.statistic(
+                                linears[name], **precomputed.get(f"{adapter.blocks}.{index}.{name}", {})
+                            )
+                        experts = block.get_submodule(adapter.experts.path)
+                        experts.observe_all = {adapter.experts.expert_of(name) for name in again}
+                        feed(linears, {name: stats[name] for name in again},
+                             lambda: [forward(block, x) for x in hidden])
+                        experts.observe_all = set()
                 for name in group:
                     layer_target = target_for(f"{adapter.blocks}.{index}.{name}") if target_for else target
                     result = method.compress(linears[name], stats[name], layer_target)
                     linears[name].weight.copy_(result.weight)
         if reconstruction.enabled:
-            norms = {name: block.get_submodule(name) for name in adapter.norms}
+            norms = adapter.block_norms(block)
             generator = torch.Generator().manual_seed(block_seed(seed, index))
             batches = list(zip(hidden, dense))
             reconstruct(block, linears, norms, lambda x: forward(block, x), batches, reconstruction, generator)
@@ -181,15 +204,22 @@ def load_in_memory(
     model_dir: Path, windows: torch.Tensor
 ) -> tuple[PreTrainedModel, Adapter, list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
     """The whole model, its adapter, the first block's input for every window, and how to call a block."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = in_memory_model(model_dir)
     hidden, forward = first_block_inputs(model, windows)
     return model, adapter_for(model.config.to_dict()), hidden, forward
 
 
-def feed(layers: dict[str, nn.Linear], statistics: dict, run: Callable[[], object]) -> None:
-    """Run with every named layer's inputs fed to its statistic."""
-    hooks = [layers[name].register_forward_pre_hook(lambda _, a, s=s: s.update(a[0]))
+def feed(layers: dict[str, nn.Linear], statistics: dict, run: Callable[[], object]) -> dict[str, int]:
+    """Run with every named layer's inputs fed to its statistic; returns the tokens each layer saw."""
+    tokens = dict.fromkeys(statistics, 0)
+
+    def update(name: str, inputs: torch.Tensor) -> None:
+        statistics[name].update(inputs)
+        tokens[name] += inputs.numel() // inputs.shape[-1]
+
+    hooks = [layers[name].register_forward_pre_hook(lambda _, a, name=name: update(name, a[0]))
              for name, s in statistics.items() if s is not None]
     run()
     for hook in hooks:
         hook.remove()
+    return tokens

@@ -152,7 +152,7 @@ def test_reconstruction_brings_a_pruned_block_closer_to_the_dense_one(tiny_check
         for layer in linears.values():
             layer.weight.copy_(METHODS["magnitude"]().compress(layer, None, Target(sparsity=0.6)).weight)
     pruned = error()
-    norms = {name: block.get_submodule(name) for name in adapter.norms}
+    norms = adapter.block_norms(block)
     settings = Reconstruction(subsets=(subset,), steps=32, lr=1e-3, rank=4)
     reconstruct(block, linears, norms, run, list(zip(inputs, dense)), settings, torch.Generator().manual_seed(0))
     assert error() < 0.99 * pruned  # a no-op (or a wrong merge) would leave it as it is

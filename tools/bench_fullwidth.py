@@ -2,12 +2,18 @@
 
     python tools/bench_fullwidth.py make opt --hidden 9216 --ffn 36864 --out runs/fullwidth/opt-66b-1block
     python tools/bench_fullwidth.py make bloom --hidden 14336 --blocks 70 --shape-only --out runs/fullwidth/bloom-176b
+    python tools/bench_fullwidth.py make falcon --hidden 14848 --blocks 80 --vocab 65024 --shape-only \
+        --out runs/fullwidth/falcon-180b
+    python tools/bench_fullwidth.py make mixtral --hidden 6144 --ffn 16384 --blocks 56 --vocab 32768 --shape-only \
+        --out runs/fullwidth/mixtral-8x22b
     python tools/bench_fullwidth.py run runs/fullwidth/opt-66b-1block --nsamples 8 --seqlen 256 --dtype bfloat16
     python tools/bench_fullwidth.py passes runs/fullwidth/opt-66b-1block --dtype bfloat16 [--only scores eval]
 
 `make` saves a random-weight float16 checkpoint with transformers (sharded, a small BPE vocabulary trained on the
-bundled text), or with --shape-only only its config and shard headers over sparse files: enough for `plan`, which
-reads nothing else, for models too large to create (OPT-175B, BLOOM-176B).
+bundled text), or with --shape-only only its config and shard headers over sparse files, under the names the hub's
+checkpoints use (Mixtral's experts one matrix each): enough for `plan`, which reads nothing else, for models too
+large to create (OPT-175B, BLOOM-176B, Falcon-180B: 40B/180B's layout with 8 key/value heads; Mixtral-8x22B: 8
+experts, 2 per token).
 
 `run` compresses the checkpoint with SparseGPT 50% in a separate `main.py compress` process at lower priority,
 killed if the machine's available memory falls under 3 GiB (the machine is shared), after checking that the
@@ -41,9 +47,19 @@ GiB = 2**30
 
 
 def model_config(family: str, hidden: int, ffn: int, blocks: int, vocab: int):
-    from transformers import BloomConfig, OPTConfig
+    from transformers import BloomConfig, FalconConfig, MixtralConfig, OPTConfig
 
     heads = hidden // 128
+    if family == "falcon":  # Falcon-40B/180B: heads of 64, grouped key/values, two norms, rotary
+        if ffn != 4 * hidden:
+            sys.exit("falcon's MLP is 4 x hidden wide: leave --ffn out")
+        return FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=blocks,
+                            num_attention_heads=hidden // 64, num_kv_heads=8, new_decoder_architecture=True,
+                            tie_word_embeddings=False, dtype="float16")
+    if family == "mixtral":
+        return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=blocks,
+                             num_attention_heads=heads, num_key_value_heads=8, num_local_experts=8,
+                             num_experts_per_tok=2, tie_word_embeddings=False, dtype="float16")
     if family == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=blocks,
                          num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=hidden,
@@ -73,19 +89,22 @@ def make(family: str, hidden: int, ffn: int | None, blocks: int, out: Path, shap
 
 
 def write_shape_only(config, out: Path, max_shard_bytes: int = 5 * 10**9) -> None:
-    """config.json and safetensors shards whose headers are real and whose data are holes (sparse files)."""
+    """config.json and safetensors shards whose headers are real and whose data are holes (sparse files), under
+    the checkpoint's names: layerpress's skeleton (experts unfused) with transformers' renaming rules reversed."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
     from streamer.checkpoint import INDEX_FILE
+    from streamer.structure import build_skeleton
     from streamer.writer import TensorSpec, encode_header, plan_shards, shard_file_name
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model = build_skeleton(config, torch.float16).model
+    saving = [rule.reverse_transform() for rule in get_model_conversion_mapping(model)
+              if isinstance(rule, WeightRenaming)][::-1]
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()
-             if name not in tied]
+    specs = [TensorSpec(rename_source_key(name, saving, [], reverse=True)[0], tensor.dtype, tuple(tensor.shape))
+             for name, tensor in model.state_dict().items() if name not in tied]
     shards = plan_shards(specs, max_shard_bytes)
     weight_map = {}
     for index, group in enumerate(shards):
@@ -187,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     making = commands.add_parser("make", help="save a random-weight (or shape-only) checkpoint")
-    making.add_argument("family", choices=("opt", "bloom"))
+    making.add_argument("family", choices=("opt", "bloom", "falcon", "mixtral"))
     making.add_argument("--hidden", type=int, required=True)
     making.add_argument("--ffn", type=int, default=None, help="MLP width (default: 4 x hidden)")
     making.add_argument("--blocks", type=int, default=1)

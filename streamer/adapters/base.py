@@ -8,7 +8,9 @@ linear layers a block has, in the order its forward uses them, and which of thei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,32 @@ class ChannelGroup:
     head_attributes: tuple[tuple[str, str], ...] = ()
 
 
+EXPERT = "{expert}"  # in a layer name of `sequential_groups`: one such layer per expert of the config
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """A block's mixture of experts, which transformers fuses into 3-D tensors and layerpress builds unfused, one
+    linear layer per expert matrix (streamer/experts.py).
+
+    path: the fused experts module, relative to the block (its children become the experts 0, 1, ...).
+    count_key: config attribute giving the number of experts.
+    gate, up, down: each expert's matrices as the checkpoint names them (e.g. Mixtral's w1, w3, w2).
+    """
+
+    path: str
+    count_key: str
+    gate: str
+    up: str
+    down: str
+
+    def expert_of(self, linear: str) -> int | None:
+        """The expert a linear layer of the block belongs to (None: not an expert's)."""
+        if not linear.startswith(self.path + "."):
+            return None
+        return int(linear[len(self.path) + 1 :].split(".", 1)[0])
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One model family.
@@ -47,10 +75,16 @@ class Adapter:
         e.g. OPT-350m has no final layer norm but a projection).
     sequential_groups: the compressible linear layers of one block, relative to the block, grouped by the order of
         the block's forward: a group's inputs depend only on groups before it (used by --true-sequential).
-    norms: the block's normalization layers, relative to the block (trained by --reconstruct norms).
+    norms: the block's normalization layers, relative to the block (trained by --reconstruct norms); names a
+        config does not build are skipped (Falcon builds `ln_attn`/`ln_mlp` or `input_layernorm`, per config).
     bias_flags: config.json flags that give the block's linear layers biases (set by --reconstruct biases so that
         the output, with its new bias tensors, loads in transformers); flags a family's config lacks are ignored.
     channel_groups: what structured pruning may remove from a block (empty: the family cannot be pruned so).
+    unprunable: why the family declares no channel group (named in structured pruning's refusal), if it declares none.
+    logit_softcap_key: config attribute of the cap the head applies to its logits (cap · tanh(logits / cap), Gemma
+        2/3); the final stage applies it where the config sets it.
+    experts: the block's mixture of experts, if it has one; layer names with EXPERT in `sequential_groups` are
+        expanded over the config's experts by `for_config`.
     """
 
     name: str
@@ -61,7 +95,32 @@ class Adapter:
     norms: tuple[str, ...] = ()
     bias_flags: tuple[str, ...] = ()
     channel_groups: tuple[ChannelGroup, ...] = ()
+    unprunable: str = ""
+    logit_softcap_key: str | None = None
+    experts: ExpertLayout | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential_groups for name in group)
+
+    def for_config(self, config: dict) -> "Adapter":
+        """The adapter of a model of this config: each layer name with EXPERT once per expert, experts in order."""
+        if self.experts is None:
+            return self
+        count = config[self.experts.count_key]
+        groups = tuple(
+            tuple(name.replace(EXPERT, str(expert)) for expert in range(count) for name in group)
+            if any(EXPERT in name for name in group) else group
+            for group in self.sequential_groups
+        )
+        return replace(self, sequential_groups=groups)
+
+    def block_norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's normalization layers that its config builds."""
+        present = {}
+        for name in self.norms:
+            try:
+                present[name] = block.get_submodule(name)
+            except AttributeError:
+                continue
+        return present

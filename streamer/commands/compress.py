@@ -25,7 +25,7 @@ from methods import LayerResult, Method, StructuredMethod, Target
 from methods.reconstruct import Reconstruction
 
 from ..allocation import Allocation, BitsPolicy
-from ..block import compress_block, reconstruct_block, zero_fraction
+from ..block import DEFAULT_EXPERT_MIN_TOKENS, compress_block, reconstruct_block, zero_fraction
 from ..checkpoint import Checkpoint
 from ..data import Calibration, CalibrationOptions
 from ..decoded import DecodedCheckpoint
@@ -69,14 +69,18 @@ class CompressSettings:
     bits: BitsPolicy = field(default_factory=BitsPolicy)  # per-layer bit widths (CPTQuant)
     reconstruction: Reconstruction = field(default_factory=Reconstruction)
     gradients: Path | None = None  # a `main.py gradients` directory, for methods that use gradient norms
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS  # mixture of experts: see streamer/block.py
 
     def __post_init__(self) -> None:
+        if self.expert_min_tokens < 1:
+            raise LayerpressError("--expert-min-tokens must be at least 1: an expert without tokens has no statistics")
         if self.target.pattern is not None and self.allocation.kind != "uniform":
             raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
 
-    def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions) -> dict[str, Any]:
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions,
+               experts: bool = False) -> dict[str, Any]:
         """Everything that changes the output, with the stream options the run uses: kept in the journal (resume
-        must match) and in config.json."""
+        must match) and in config.json (experts: the model has a mixture of experts)."""
         return {
             "method": self.method.name,
             "method_settings": self.method.settings(),
@@ -93,6 +97,7 @@ class CompressSettings:
             # uniform leaves the record as it was before allocations existed, so older partial runs still resume
             **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
             **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
+            **({"expert_min_tokens": self.expert_min_tokens} if experts else {}),
         }
 
     @property
@@ -131,7 +136,8 @@ def compress(settings: CompressSettings) -> Path:
         check_reconstruction(settings, staged)
         plan = plan_compress(settings, staged, calibrated.seqlen)
         stream = planned_stream(settings.stream, plan, settings.out)
-        record = settings.record(calibrated.calibration.record, staged.dtype, stream)
+        has_experts = staged.adapter.experts is not None
+        record = settings.record(calibrated.calibration.record, staged.dtype, stream, has_experts)
         target_for = layer_targets(settings, staged, record)
         fmt = FORMATS[settings.format]
         plans = layer_plans(staged, settings.method, target_for)
@@ -291,6 +297,7 @@ def _compress(settings: CompressSettings, calibrated: Calibrated, stream: Stream
             results = compress_block(  # with reconstruction: the dense outputs, its targets, kept in acts.outputs
                 context, layers.method, groups, layers.target_for, layers.per_layer_statistics,
                 keep_dense_outputs=reconstruction.enabled, precomputed=layers.precomputed(context),
+                expert_min_tokens=settings.expert_min_tokens,
             )
             if reconstruction.enabled:
                 report = reconstruct_block(context, reconstruction, settings.calibration.seed)

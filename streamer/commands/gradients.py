@@ -242,7 +242,7 @@ class GradientPass:
                     accumulator.windows = size
                 hidden = inputs.data[batch].to(self.device).requires_grad_()
                 with torch.enable_grad():
-                    output = self.staged.call_block(block, hidden, extras[size])
+                    output = self.staged.call_block(block, hidden, extras[size][index])
                     output.backward(output_gradient.data[batch].to(device=self.device, dtype=output.dtype))
                 input_gradient.data[batch] = hidden.grad.float().cpu()
         finally:

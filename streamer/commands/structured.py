@@ -80,7 +80,8 @@ def collect_summaries(
 ) -> Path:
     """The statistics pass over the dense model (a phase of `run`, resumable); returns where the summaries are."""
     if not staged.layouts:
-        raise LayerpressError(f"{staged.adapter.name} models declare no heads or channels that can be removed whole")
+        why = f": {staged.adapter.unprunable}" if staged.adapter.unprunable else ""
+        raise LayerpressError(f"{staged.adapter.name} models declare no heads or channels that can be removed whole{why}")
     phase = run.phase("statistics", staged.num_blocks)
     try:
         if phase.complete:
