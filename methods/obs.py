@@ -34,7 +34,7 @@ class SweepGrid:
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, order: torch.Tensor | None, dtype: torch.dtype):
         rows, columns = weight.shape
         self.spec, self.dtype = spec, dtype
-        natural = contiguous_groups(columns, spec).to(weight.device)
+        natural = contiguous_groups(columns, spec, weight.device)
         static = spec.groupsize is None or (order is not None and spec.act_order == "weight")
         self.group = natural[order] if static and order is not None else natural  # group of each visit position
         self._group_of = self.group.tolist()  # one read per layer, so that no column waits on the device

@@ -91,11 +91,12 @@ def dequantize(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return (ints.float() - zero.float()) * scale.float()
 
 
-def contiguous_groups(columns: int, spec: QuantSpec) -> torch.Tensor:
-    """g_idx of consecutive groups: column j belongs to group j // groupsize (all to group 0 without groups)."""
+def contiguous_groups(columns: int, spec: QuantSpec, device: torch.device | str = "cpu") -> torch.Tensor:
+    """g_idx of consecutive groups: column j belongs to group j // groupsize (all to group 0 without groups), made
+    on `device` (the weight's, not the host's, when it is fitted there)."""
     if spec.groupsize is None:
-        return torch.zeros(columns, dtype=torch.int64)
-    return torch.arange(columns) // spec.groupsize
+        return torch.zeros(columns, dtype=torch.int64, device=device)
+    return torch.arange(columns, device=device) // spec.groupsize
 
 
 def fit_groups(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +148,7 @@ def read_grid(ints: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx
 
 def round_to_nearest(weight: torch.Tensor, spec: QuantSpec) -> QuantRecord:
     """Round-to-nearest onto grids fitted on `weight` itself (contiguous groups, no error compensation)."""
-    g_idx = contiguous_groups(weight.shape[1], spec).to(weight.device)
+    g_idx = contiguous_groups(weight.shape[1], spec, weight.device)
     scale, zero = fit_groups(weight, spec, weight.dtype)
     ints = quantize(weight, scale[:, g_idx], zero[:, g_idx], spec)
     return QuantRecord(spec, ints, scale.to(weight.dtype), zero.to(torch.uint8), g_idx)

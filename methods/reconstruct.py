@@ -143,7 +143,7 @@ class _LowRank(nn.Module):
         super().__init__()
         rows, columns = weight.shape
         bound = 1 / math.sqrt(columns)  # LoRA's kaiming-uniform bound for A
-        noise = (torch.rand(rank, columns, generator=generator) * 2 - 1) * bound
+        noise = (torch.rand(rank, columns, generator=generator, device="cpu") * 2 - 1) * bound  # the host's generator
         self.A = nn.Parameter(noise.to(weight.device))
         self.B = nn.Parameter(torch.zeros(rows, rank, device=weight.device))
 
@@ -264,7 +264,7 @@ def batch_order(count: int, steps: int, generator: torch.Generator) -> list[int]
     """The micro-batch of every step: shuffled epochs over all micro-batches, as many as the steps need."""
     order: list[int] = []
     while len(order) < steps:
-        order += torch.randperm(count, generator=generator).tolist()
+        order += torch.randperm(count, generator=generator, device="cpu").tolist()  # host indices, host generator
     return order[:steps]
 
 

@@ -202,10 +202,10 @@ def read_grid_parts(
     spec, (rows, columns) = plan.quant, plan.shape
     scale = tensors["scale"]
     if spec.symmetric:
-        zero = torch.full(scale.shape, (spec.maxq + 1) // 2, dtype=torch.uint8)
+        zero = torch.full(scale.shape, (spec.maxq + 1) // 2, dtype=torch.uint8, device=scale.device)
     else:
         zero = unpack_bits(tensors["zero_point"].T.contiguous(), spec.bits, rows).T
-    g_idx = tensors["g_idx"].long() if "g_idx" in tensors else contiguous_groups(columns, spec)
+    g_idx = tensors["g_idx"].long() if "g_idx" in tensors else contiguous_groups(columns, spec, scale.device)
     return scale, zero, g_idx
 
 

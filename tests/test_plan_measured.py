@@ -1,6 +1,12 @@
 """Each command's own plan against the peak RSS its process reaches, on a small model wide enough that the block,
 its statistics and the method's working memory are a good part of the peak (the full-width figures, one OPT-66B
-block per pass, come from `tools/bench_fullwidth.py passes`)."""
+block per pass, come from `tools/bench_fullwidth.py passes`).
+
+At full width every tensor is far above glibc's mmap threshold (at most 32 MiB), so freed memory goes back to the
+system at once; a small model's tensors come from malloc arenas, which keep freed memory and fragment: its
+reconstruction peaked 34% above its plan that way, and 0.7% below it with the threshold set to 128 KiB. The runs
+here set it, so that they measure what the plan models at full width. Eval reads a short text: tokenizing all of
+WikiText-2 test (1.3 MB) peaks at about 0.3 GiB before the pass, outside its plan."""
 
 from __future__ import annotations
 
@@ -12,9 +18,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tools.bench_stream import predicted_peak, run_measured
 
-# Measured on this project's CPU machine; the tolerance covers glibc's arenas and torch's allocator caches, which
-# the plan does not model, on a ~0.6 GiB process of which ~0.45 GiB is torch and transformers.
-TOLERANCE = 0.15
+# Measured on this project's CPU machine (worst seen: scores, 3.5% over); a ~0.6 GiB process of which ~0.4 GiB
+# is torch and transformers.
+TOLERANCE = 0.10
 COMMANDS = {
     "scores": ["scores", "--sparsity", "0.5"],
     "gradients": ["gradients"],
@@ -35,10 +41,11 @@ def wide_llama(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_the_plan_a_command_logs_is_its_measured_peak(wide_llama, tmp_path, calib_text, name):
+def test_the_plan_a_command_logs_is_its_measured_peak(wide_llama, tmp_path, calib_text, name, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     command, *options = COMMANDS[name]
-    windows = ["--windows", "8"] if command == "eval" else ["--nsamples", "8", "--calib", str(calib_text),
-                                                            "--out", str(tmp_path / "out")]
+    windows = ["--windows", "8", "--data", str(calib_text)] if command == "eval" else [
+        "--nsamples", "8", "--calib", str(calib_text), "--out", str(tmp_path / "out")]
     result = run_measured([command, "--model", str(wide_llama), "--seqlen", "128", "--device", "cpu", *windows,
                            *options])
     planned, measured = predicted_peak(result["output"]), result["peak_rss_mib"] * 2**20
