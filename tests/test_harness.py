@@ -1,0 +1,154 @@
+"""lm-evaluation-harness tasks, streamed: the same log-likelihoods and metrics as lm-eval's own HF backend on the
+whole model, for every family and for compressed outputs; a killed evaluation resumes to identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+import main  # noqa: E402
+from streamer.commands.harness import LayerpressLM, task_manager  # noqa: E402
+from streamer.data import load_tokenizer  # noqa: E402
+from streamer.journal import read_journal  # noqa: E402
+from streamer.model import load_model  # noqa: E402
+from tests.conftest import FAMILIES, ROOT  # noqa: E402
+
+TASKS_DIR = ROOT / "tests" / "tasks"
+MULTIPLE_CHOICE, LOGLIKELIHOOD, ROLLING = "layerpress_cloze_mc", "layerpress_cloze_ll", "layerpress_cloze_rolling"
+TASKS = [MULTIPLE_CHOICE, LOGLIKELIHOOD, ROLLING]
+MAX_LENGTH = 8  # shorter than most requests: left truncation and documents of several rolling windows happen
+BOOTSTRAP = 10
+
+
+@pytest.fixture(autouse=True)
+def from_the_repository_root(monkeypatch):
+    """The task YAMLs name their data relative to the repository root; bootstraps run in this process."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
+
+
+def eval_argv(model: Path, output: Path, tasks: list[str], *extra: str) -> list[str]:
+    return ["-q", "eval", "--model", str(model), "--tasks", ",".join(tasks), "--include-path", str(TASKS_DIR),
+            "--output", str(output), "--log-samples", "--micro-batch", "3", "--device", "cpu",
+            "--bootstrap-iters", str(BOOTSTRAP), *extra]
+
+
+def streamed(model: Path, output: Path, tasks: list[str], *extra: str) -> dict:
+    """The results file of `main.py eval --tasks` on `model`."""
+    assert main.main(eval_argv(model, output, tasks, *extra)) == 0
+    return json.loads(output.read_text())
+
+
+def hf_backend(pretrained, tasks: list[str], max_length: int | None = MAX_LENGTH, **model_args) -> dict:
+    """lm-eval's own HF backend on the whole model: float32, batch size 1."""
+    lm = HFLM(pretrained=pretrained, dtype="float32", batch_size=1, device="cpu", max_length=max_length, **model_args)
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks, TASKS_DIR),
+                           bootstrap_iters=BOOTSTRAP, log_samples=True)
+
+
+def leaves(value) -> list:
+    """The numbers and flags of a response, whatever nesting (tuples in memory, lists in JSON) holds them."""
+    return [leaf for item in value for leaf in leaves(item)] if isinstance(value, (list, tuple)) else [value]
+
+
+def assert_same_results(ours: dict, theirs: dict, tasks: list[str]) -> None:
+    """Every request's log-likelihood (and greedy flag), and every metric, to float rounding."""
+    for task in tasks:
+        mine = {sample["doc_id"]: leaves(sample["resps"]) for sample in ours["samples"][task]}
+        reference = {sample["doc_id"]: leaves(sample["resps"]) for sample in theirs["samples"][task]}
+        assert mine.keys() == reference.keys() and mine
+        for doc, values in reference.items():
+            assert mine[doc] == pytest.approx(values, rel=1e-5, abs=1e-5), (task, doc)
+        for metric, value in theirs["results"][task].items():
+            expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            assert ours["results"][task][metric] == expected, (task, metric)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_tasks_equal_lm_evals_hf_backend(tiny_checkpoints, tmp_path, family):
+    model = tiny_checkpoints[family]
+    texts = [json.loads(line)["text"] for line in (TASKS_DIR / "cloze.jsonl").read_text().splitlines()]
+    assert max(len(load_tokenizer(model).encode(text)) for text in texts) > 2 * MAX_LENGTH  # several windows
+    ours = streamed(model, tmp_path / "results.json", TASKS, "--max-length", str(MAX_LENGTH))
+    assert_same_results(ours, hf_backend(str(model), TASKS), TASKS)
+    assert ours["layerpress"]["model"] == str(model) and ours["layerpress"]["record"] is None
+    assert set(ours["results"]) == set(TASKS) and "acc_stderr,none" in ours["results"][MULTIPLE_CHOICE]
+
+
+def test_lm_evals_own_entry_finds_the_registered_model(tiny_checkpoints, tmp_path):
+    """`lm_eval --model layerpress --model_args ...` goes through the registry and create_from_arg_string."""
+    model = tiny_checkpoints["opt"]
+    assert lm_eval.api.registry.get_model("layerpress") is LayerpressLM
+    ours = simple_evaluate(
+        model="layerpress", model_args=f"pretrained={model},work={tmp_path / 'work'},max_length={MAX_LENGTH}",
+        batch_size=2, device="cpu", tasks=[MULTIPLE_CHOICE], task_manager=task_manager([MULTIPLE_CHOICE], TASKS_DIR),
+        log_samples=True,
+    )
+    assert_same_results(ours, hf_backend(str(model), [MULTIPLE_CHOICE]), [MULTIPLE_CHOICE])
+
+
+def run_cli(argv: list[str], failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "LAYERPRESS_FAILPOINT"}
+    env.update({"LAYERPRESS_FAILPOINT": failpoint} if failpoint else {})
+    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_killed_evaluation_resumes_to_identical_results(tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints["llama"]
+    uninterrupted = streamed(model, tmp_path / "uninterrupted.json", [MULTIPLE_CHOICE])
+    output = tmp_path / "results.json"
+    killed = run_cli(eval_argv(model, output, [MULTIPLE_CHOICE]), failpoint="after-journal:2")
+    assert killed.returncode == -9, killed.stderr
+    (journal,) = [read_journal(path) for path in (tmp_path / "results.json.work").iterdir()]
+    assert journal["state"] == "running" and journal["blocks_done"] == 2 and not output.exists()
+    result = streamed(model, output, [MULTIPLE_CHOICE])  # the same command, resumed in this process
+    assert result["results"] == uninterrupted["results"] and result["samples"] == uninterrupted["samples"]
+
+
+def test_a_generation_task_is_refused_in_one_line(tiny_checkpoints, tmp_path, capsys):
+    argv = eval_argv(tiny_checkpoints["llama"], tmp_path / "results.json", [MULTIPLE_CHOICE, "layerpress_cloze_gen"])
+    assert main.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "layerpress_cloze_gen" in error and "generate_until" in error
+    assert not (tmp_path / "results.json.work").exists()  # refused before any pass started
+
+
+def compress(model: Path, out: Path, calib: Path, *method: str) -> Path:
+    assert main.main(["-q", "compress", "--model", str(model), "--out", str(out), "--calib", str(calib),
+                      "--nsamples", "4", "--seqlen", "32", "--device", "cpu", *method]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sparse", "packed", "flap"])
+def test_compressed_outputs_equal_the_hf_backend_on_their_dense_model(tiny_checkpoints, tmp_path, calib_text, kind):
+    model = tiny_checkpoints["llama"]
+    methods = {"sparse": ["--method", "sparsegpt", "--sparsity", "0.5", "--format", "sparse"],
+               "packed": ["--method", "gptq", "--wbits", "4", "--format", "packed"],
+               "flap": ["--method", "flap", "--ratio", "0.2"]}
+    out = compress(model, tmp_path / kind, calib_text, *methods[kind])
+    ours = streamed(out, tmp_path / "results.json", [MULTIPLE_CHOICE], "--max-length", str(MAX_LENGTH))
+    if kind == "flap":  # per-block shapes: the HF backend gets the model object, as transformers cannot load it
+        theirs = hf_backend(load_model(out), [MULTIPLE_CHOICE], tokenizer=load_tokenizer(out))
+    else:
+        assert main.main(["-q", "decompress", "--model", str(out), "--out", str(tmp_path / "dense")]) == 0
+        theirs = hf_backend(str(tmp_path / "dense"), [MULTIPLE_CHOICE])
+    assert_same_results(ours, theirs, [MULTIPLE_CHOICE])
+    assert ours["layerpress"]["record"]["method"] and ours["layerpress"]["compression"] is not None
+
+
+@pytest.mark.slow
+def test_smollm2_multiple_choice_equals_the_hf_backend(smollm2, tmp_path):
+    ours = streamed(smollm2, tmp_path / "results.json", [MULTIPLE_CHOICE], "--micro-batch", "16")
+    theirs = hf_backend(str(smollm2), [MULTIPLE_CHOICE], max_length=None)
+    assert_same_results(ours, theirs, [MULTIPLE_CHOICE])
+    assert ours["results"][MULTIPLE_CHOICE]["acc,none"] > 0.5, "SmolLM2 should get simple cloze sentences right"
