@@ -48,6 +48,7 @@ examples:
   python main.py gradients --model IN --out GRAD
   python main.py compress --model IN --out OUT --method gblm --gradients GRAD --alpha 100
   python main.py eval --model OUT --windows 32 --seqlen 512
+  python main.py eval --model OUT --tasks arc_easy,piqa --output results.json
   python main.py status OUT
 """
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -17,10 +18,12 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 import main  # noqa: E402
-from streamer.commands.harness import LayerpressLM, task_manager  # noqa: E402
+from streamer.checkpoint import Checkpoint  # noqa: E402
+from streamer.commands.harness import LayerpressLM, stream_and_score, task_manager  # noqa: E402
 from streamer.data import load_tokenizer  # noqa: E402
 from streamer.journal import read_journal  # noqa: E402
-from streamer.model import load_model  # noqa: E402
+from streamer.model import StagedModel, load_model  # noqa: E402
+from streamer.stream import StreamOptions, stream_blocks  # noqa: E402
 from tests.conftest import FAMILIES, ROOT  # noqa: E402
 
 TASKS_DIR = ROOT / "tests" / "tasks"
@@ -79,10 +82,32 @@ def test_streamed_tasks_equal_lm_evals_hf_backend(tiny_checkpoints, tmp_path, fa
     model = tiny_checkpoints[family]
     texts = [json.loads(line)["text"] for line in (TASKS_DIR / "cloze.jsonl").read_text().splitlines()]
     assert max(len(load_tokenizer(model).encode(text)) for text in texts) > 2 * MAX_LENGTH  # several windows
-    ours = streamed(model, tmp_path / "results.json", TASKS, "--max-length", str(MAX_LENGTH))
+    on_disk = ["--offload-activations", str(tmp_path / "activations")] if family == "opt" else []  # RAM otherwise
+    ours = streamed(model, tmp_path / "results.json", TASKS, "--max-length", str(MAX_LENGTH), *on_disk)
     assert_same_results(ours, hf_backend(str(model), TASKS), TASKS)
+    assert not list((tmp_path / "activations").rglob("*.bin"))  # a finished pass removes its activation files
     assert ours["layerpress"]["model"] == str(model) and ours["layerpress"]["record"] is None
     assert set(ours["results"]) == set(TASKS) and "acc_stderr,none" in ours["results"][MULTIPLE_CHOICE]
+
+
+def test_requests_sharing_an_input_run_it_once_and_score_from_it(tiny_checkpoints, monkeypatch):
+    """Choices with one-token answers share their input (the question): one row, each choice scored from it."""
+    import streamer.commands.harness as harness
+
+    model, streamed_rows = tiny_checkpoints["llama"], []
+    monkeypatch.setattr(harness, "stream_blocks", lambda staged, windows, *args, **kwargs: (
+        streamed_rows.append(len(windows)) or stream_blocks(staged, windows, *args, **kwargs)))
+    inputs, continuations = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7], [9]], [[10], [11], [7, 12], [13]]
+    scores = stream_and_score(StagedModel(Checkpoint(model), torch.device("cpu")), inputs, continuations,
+                              StreamOptions(micro_batch=2))
+    assert streamed_rows == [3]
+    whole = load_model(model)
+    for tokens, continuation, (logprob, greedy) in zip(inputs, continuations, scores):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(whole(torch.tensor([tokens])).logits[0, -len(continuation):], dim=-1)
+        expected = logprobs[range(len(continuation)), continuation]
+        assert logprob == pytest.approx(expected.sum().item(), rel=1e-5)
+        assert greedy == bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())
 
 
 def test_lm_evals_own_entry_finds_the_registered_model(tiny_checkpoints, tmp_path):

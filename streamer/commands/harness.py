@@ -5,7 +5,7 @@ registered as `layerpress`, so `lm_eval --model layerpress --model_args pretrain
 the `layerpress-lm-eval` script does that). lm-eval hands over all requests of one kind at once, and they are
 answered in one streamed pass:
 
-    tokenize as lm-eval's HF backend ─► sort longest first, right-pad ─► every request through block 1, block 2, …
+    tokenize as lm-eval's HF backend ─► distinct inputs, longest first, right-padded ─► block 1, block 2, …
     (stream_blocks, activations in RAM or on disk) ─► the head on the continuation tokens only ─► (log p, greedy)
 
 Right padding under a causal mask changes no real token's states, and a micro-batch runs on its longest request's
@@ -31,7 +31,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.api.task import Task
 from lm_eval.models.utils import has_bos_prefix, resolve_max_length
 from lm_eval.tasks import TaskManager, get_task_dict
-from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows, handle_non_serializable, make_disjoint_window, simple_parse_args_string,
+)
 
 from ..checkpoint import Checkpoint
 from ..data import load_tokenizer
@@ -77,9 +79,7 @@ class LayerpressLM(TemplateLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LayerpressLM":
         """From lm-eval's `--model_args pretrained=DIR[,work=DIR,dtype=float32,max_length=N,offload=DIR]` and its
-        --device and --batch_size (windows per block forward)."""
-        from lm_eval.utils import simple_parse_args_string
-
+        --device and --batch_size (requests per block forward)."""
         args = {**simple_parse_args_string(arg_string), **{k: v for k, v in (additional_config or {}).items()
                                                            if v is not None}}
         if "pretrained" not in args:
@@ -183,29 +183,33 @@ def stream_and_score(
     staged: StagedModel, inputs: list[list[int]], continuations: list[list[int]], options: StreamOptions,
     run: Run | None = None,
 ) -> list[tuple[float, bool]]:
-    """Run the right-padded requests, longest first, through every block, then score each continuation at the head
-    (its tokens' log-softmax, micro-batch by micro-batch); results in the requests' order."""
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-    lengths = [len(inputs[i]) for i in order]
-    windows = torch.zeros(len(inputs), lengths[0], dtype=torch.long)  # the padding token is never attended to
-    for row, i in enumerate(order):
-        windows[row, : lengths[row]] = torch.tensor(inputs[i])
+    """Run each distinct model input once (the choices of a multiple-choice question with one-token answers share
+    theirs), right-padded, longest first, through every block; then score each request's continuation at the head
+    (its tokens' log-softmax, micro-batch by micro-batch). Results in the requests' order."""
+    readers: dict[tuple[int, ...], list[int]] = {}  # distinct input -> the requests that read it
+    for request, tokens in enumerate(inputs):
+        readers.setdefault(tuple(tokens), []).append(request)
+    distinct = sorted(readers, key=len, reverse=True)
+    lengths = [len(tokens) for tokens in distinct]
+    windows = torch.zeros(len(distinct), lengths[0], dtype=torch.long)  # the padding token is never attended to
+    for row, tokens in enumerate(distinct):
+        windows[row, : lengths[row]] = torch.tensor(tokens)
     acts = stream_blocks(staged, windows, options, process=lambda context: {}, run=run, desc="lm-eval",
                          lengths=lengths)
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
     with staged.final_stage() as logits_of, torch.no_grad():
         for batch in acts.batches():
-            rows = range(batch.start, batch.stop)
-            spans = [slice(lengths[row] - len(continuations[order[row]]), lengths[row]) for row in rows]
-            hidden = torch.cat([acts.inputs.data[row, span] for row, span in zip(rows, spans)])
+            scored = [(row, request) for row in range(batch.start, batch.stop) for request in readers[distinct[row]]]
+            spans = [slice(lengths[row] - len(continuations[request]), lengths[row]) for row, request in scored]
+            hidden = torch.cat([acts.inputs.data[row, span] for (row, _), span in zip(scored, spans)])
             logprobs = torch.log_softmax(logits_of(hidden.to(options.device)).float(), dim=-1).cpu()
             start = 0
-            for row, span in zip(rows, spans):
-                targets = torch.tensor(continuations[order[row]])
+            for _, request in scored:
+                targets = torch.tensor(continuations[request])
                 predicted = logprobs[start : start + len(targets)]
                 start += len(targets)
-                scores[order[row]] = (predicted.gather(1, targets[:, None]).sum().item(),
-                                      bool((predicted.argmax(-1) == targets).all()))
+                scores[request] = (predicted.gather(1, targets[:, None]).sum().item(),
+                                   bool((predicted.argmax(-1) == targets).all()))
     return scores
 
 
