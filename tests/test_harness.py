@@ -122,6 +122,24 @@ def test_lm_evals_own_entry_finds_the_registered_model(tiny_checkpoints, tmp_pat
     assert_same_results(ours, hf_backend(str(model), [MULTIPLE_CHOICE]), [MULTIPLE_CHOICE])
 
 
+@pytest.mark.slow  # lm-eval's command line indexes its thousands of built-in tasks first (tens of seconds)
+def test_the_layerpress_lm_eval_script_runs_lm_evals_command_line(tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints["opt"]
+    script = "import sys; from streamer.commands.harness import lm_eval_entry_point as run; sys.argv[0] = 'x'; run()"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--model", "layerpress", "--model_args",
+         f"pretrained={model},work={tmp_path / 'work'},max_length={MAX_LENGTH}", "--tasks", MULTIPLE_CHOICE,
+         "--include_path", str(TASKS_DIR), "--batch_size", "2", "--device", "cpu", "--log_samples",
+         "--output_path", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    theirs = hf_backend(str(model), [MULTIPLE_CHOICE])
+    for metric, value in theirs["results"][MULTIPLE_CHOICE].items():
+        expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert json.loads(written.read_text())["results"][MULTIPLE_CHOICE][metric] == expected, metric
+
+
 def run_cli(argv: list[str], failpoint: str | None = None) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "LAYERPRESS_FAILPOINT"}
     env.update({"LAYERPRESS_FAILPOINT": failpoint} if failpoint else {})
@@ -134,9 +152,11 @@ def test_killed_evaluation_resumes_to_identical_results(tiny_checkpoints, tmp_pa
     output = tmp_path / "results.json"
     killed = run_cli(eval_argv(model, output, [MULTIPLE_CHOICE]), failpoint="after-journal:2")
     assert killed.returncode == -9, killed.stderr
-    (journal,) = [read_journal(path) for path in (tmp_path / "results.json.work").iterdir()]
+    (pass_dir,) = (tmp_path / "results.json.work").iterdir()
+    journal = read_journal(pass_dir)
     assert journal["state"] == "running" and journal["blocks_done"] == 2 and not output.exists()
     result = streamed(model, output, [MULTIPLE_CHOICE])  # the same command, resumed in this process
+    assert main.main(["status", str(pass_dir)]) == 0
     assert result["results"] == uninterrupted["results"] and result["samples"] == uninterrupted["samples"]
 
 

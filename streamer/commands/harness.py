@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,21 +79,24 @@ class LayerpressLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LayerpressLM":
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> "LayerpressLM":
         """From lm-eval's `--model_args pretrained=DIR[,work=DIR,dtype=float32,max_length=N,offload=DIR]` and its
-        --device and --batch_size (requests per block forward)."""
-        args = {**simple_parse_args_string(arg_string), **{k: v for k, v in (additional_config or {}).items()
-                                                           if v is not None}}
+        --device and --batch_size (requests per block forward; "auto" means 1)."""
+        args = {**arg_dict, **{key: value for key, value in (additional_config or {}).items() if value is not None}}
         if "pretrained" not in args:
             raise LayerpressError("--model layerpress needs --model_args pretrained=DIR")
-        batch = args.get("batch_size", 1)
+        batch = str(args.get("batch_size", 1))
         options = StreamOptions(
-            device=torch.device(args.get("device") or "cpu"),
-            micro_batch=int(batch) if str(batch).isdigit() else 1,
-            offload_dir=Path(args["offload"]) if args.get("offload") else None,
+            device=torch.device(str(args.get("device") or "cpu")),
+            micro_batch=int(batch) if batch.isdigit() else 1,
+            offload_dir=Path(str(args["offload"])) if args.get("offload") else None,
         )
-        dtype = getattr(torch, args["dtype"]) if args.get("dtype") else None
-        return cls(Path(args["pretrained"]), options, Path(args["work"]) if args.get("work") else None, dtype,
-                   int(args["max_length"]) if args.get("max_length") else None)
+        dtype = getattr(torch, str(args["dtype"])) if args.get("dtype") else None
+        return cls(Path(str(args["pretrained"])), options, Path(str(args["work"])) if args.get("work") else None,
+                   dtype, int(args["max_length"]) if args.get("max_length") else None)
 
     # ---------------------------------------------------------------- what lm-eval asks of a model
     @property
@@ -162,9 +166,10 @@ class LayerpressLM(TemplateLM):
             replace(self.options, offload_dir=self.options.offload_dir / out.name)
 
         def work(run: Run) -> None:
+            clock = time.perf_counter()
             scores = stream_and_score(self.staged, list(inputs), list(continuations), options, run)
             remove_offloaded_activations(options)
-            run.finish({"scores": scores})
+            run.finish({"seconds": time.perf_counter() - clock, "scores": scores})  # `status` reads the seconds
 
         RunRequest("eval-tasks", out, self.model_dir, self.restart).execute(
             settings, {"checkpoint": self.checkpoint.fingerprint()}, self.staged.num_blocks, work)
