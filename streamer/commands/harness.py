@@ -6,7 +6,7 @@ the `layerpress-lm-eval` script does that). lm-eval hands over all requests of o
 answered in one streamed pass:
 
     tokenize as lm-eval's HF backend ─► distinct inputs, longest first, right-padded ─► block 1, block 2, …
-    (stream_blocks, activations in RAM or on disk) ─► the head on the continuation tokens only ─► (log p, greedy)
+    (stream_blocks, activations in RAM or on disk) ─► the head on the continuations only ─► (log p, greedy)
 
 Right padding under a causal mask changes no real token's states, and a micro-batch runs on its longest request's
 tokens only. Each pass is a resumable run (commands/lifecycle.py) in a work directory named by the digest of its
@@ -73,6 +73,8 @@ class LayerpressLM(TemplateLM):
         self.staged = StagedModel(self.checkpoint, self.options.device, dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self._temporary = tempfile.TemporaryDirectory(prefix="layerpress-eval-") if work is None else None
+        if self._temporary:
+            log.info("no work directory given: the evaluation is not resumable")
         self.work = Path(self._temporary.name) if self._temporary else Path(work)
         self._max_length = max_length or resolve_max_length(self.staged.config, self.tokenizer,
                                                             default=DEFAULT_MAX_LENGTH)
@@ -196,6 +198,8 @@ def stream_and_score(
         readers.setdefault(tuple(tokens), []).append(request)
     distinct = sorted(readers, key=len, reverse=True)
     lengths = [len(tokens) for tokens in distinct]
+    log.info("lm-eval: %d requests, %d distinct inputs of %d to %d tokens", len(inputs), len(distinct), lengths[-1],
+             lengths[0])
     windows = torch.zeros(len(distinct), lengths[0], dtype=torch.long)  # the padding token is never attended to
     for row, tokens in enumerate(distinct):
         windows[row, : lengths[row]] = torch.tensor(tokens)
