@@ -18,11 +18,15 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 import main  # noqa: E402
+import streamer.commands.harness as harness  # noqa: E402
+from methods import Target  # noqa: E402
 from streamer.checkpoint import Checkpoint  # noqa: E402
-from streamer.commands.harness import LayerpressLM, stream_and_score, task_manager  # noqa: E402
+from streamer.commands.harness import LayerpressLM, distinct_inputs, stream_and_score, task_manager  # noqa: E402
 from streamer.data import load_tokenizer  # noqa: E402
-from streamer.journal import read_journal  # noqa: E402
+from streamer.errors import LayerpressError  # noqa: E402
+from streamer.journal import WORK_DIR, read_journal  # noqa: E402
 from streamer.model import StagedModel, load_model  # noqa: E402
+from streamer.planner import Budget, Workload, plan_run  # noqa: E402
 from streamer.stream import StreamOptions, stream_blocks  # noqa: E402
 from tests.conftest import FAMILIES, ROOT  # noqa: E402
 
@@ -90,24 +94,51 @@ def test_streamed_tasks_equal_lm_evals_hf_backend(tiny_checkpoints, tmp_path, fa
     assert set(ours["results"]) == set(TASKS) and "acc_stderr,none" in ours["results"][MULTIPLE_CHOICE]
 
 
+def whole_model_scores(model: Path, inputs: list[list[int]], continuations: list[list[int]]) -> list:
+    """(log p, greedy) of each request from the whole model's forward of its input alone."""
+    whole, scores = load_model(model), []
+    for tokens, continuation in zip(inputs, continuations):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(whole(torch.tensor([tokens])).logits[0, -len(continuation):], dim=-1)
+        scores.append((logprobs[range(len(continuation)), continuation].sum().item(),
+                       bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())))
+    return scores
+
+
+def assert_same_scores(scores: list, expected: list) -> None:
+    assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected]
+    assert [logprob for logprob, _ in scores] == pytest.approx([logprob for logprob, _ in expected], rel=1e-5)
+
+
 def test_requests_sharing_an_input_run_it_once_and_score_from_it(tiny_checkpoints, monkeypatch):
     """Choices with one-token answers share their input (the question): one row, each choice scored from it."""
-    import streamer.commands.harness as harness
-
     model, streamed_rows = tiny_checkpoints["llama"], []
     monkeypatch.setattr(harness, "stream_blocks", lambda staged, windows, *args, **kwargs: (
         streamed_rows.append(len(windows)) or stream_blocks(staged, windows, *args, **kwargs)))
     inputs, continuations = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7], [9]], [[10], [11], [7, 12], [13]]
-    scores = stream_and_score(StagedModel(Checkpoint(model), torch.device("cpu")), inputs, continuations,
-                              StreamOptions(micro_batch=2))
+    scores = stream_and_score(StagedModel(Checkpoint(model), torch.device("cpu")), distinct_inputs(inputs),
+                              continuations, StreamOptions(micro_batch=2))
     assert streamed_rows == [3]
-    whole = load_model(model)
-    for tokens, continuation, (logprob, greedy) in zip(inputs, continuations, scores):
-        with torch.no_grad():
-            logprobs = torch.log_softmax(whole(torch.tensor([tokens])).logits[0, -len(continuation):], dim=-1)
-        expected = logprobs[range(len(continuation)), continuation]
-        assert logprob == pytest.approx(expected.sum().item(), rel=1e-5)
-        assert greedy == bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())
+    assert_same_scores(scores, whole_model_scores(model, inputs, continuations))
+
+
+def test_the_plan_offloads_activations_that_do_not_fit_in_ram(tiny_checkpoints, tmp_path, monkeypatch):
+    model = tiny_checkpoints["llama"]
+    inputs = [[(7 * row + column) % 300 + 3 for column in range(6 + row % 5)] for row in range(40)]
+    continuations = [tokens[-2:] for tokens in inputs]  # each input predicts its own last tokens
+    readers = distinct_inputs(inputs)
+    monkeypatch.setattr(harness, "process_baseline", lambda device_type: 0)  # the plan, independent of this process
+    staged = StagedModel(Checkpoint(model), torch.device("cpu"))
+    peaks = {offload: plan_run(staged, Workload(None, Target(), len(readers), 10), "cpu", Budget(2**40, 2**40), 0,
+                               micro_batch=4, offload=offload).host_peak for offload in (False, True)}
+    tight = (peaks[False] + peaks[True]) // 2  # the activations in RAM do not fit, on disk they do
+    lm = LayerpressLM(model, StreamOptions(micro_batch=4), tmp_path / "work", budget=Budget(tight, tight))
+    options = lm._planned(readers, tmp_path / "work" / "pass")
+    assert options.offload_dir == tmp_path / "work" / "pass" / WORK_DIR / "activations"
+    assert_same_scores(stream_and_score(lm.staged, readers, continuations, options),
+                       whole_model_scores(model, inputs, continuations))
+    with pytest.raises(LayerpressError, match="cannot fit"):
+        LayerpressLM(model, StreamOptions(micro_batch=4), budget=Budget(1000, 1000))._planned(readers, tmp_path)
 
 
 def test_lm_evals_own_entry_finds_the_registered_model(tiny_checkpoints, tmp_path):

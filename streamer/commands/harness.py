@@ -6,7 +6,7 @@ the `layerpress-lm-eval` script does that). lm-eval hands over all requests of o
 answered in one streamed pass:
 
     tokenize as lm-eval's HF backend ─► distinct inputs, longest first, right-padded ─► block 1, block 2, …
-    (stream_blocks, activations in RAM or on disk) ─► the head on the continuations only ─► (log p, greedy)
+    (stream_blocks, activations where the memory plan fits them) ─► the head on the continuations only ─► (log p, greedy)
 
 Right padding under a causal mask changes no real token's states, and a micro-batch runs on its longest request's
 tokens only. Each pass is a resumable run (commands/lifecycle.py) in a work directory named by the digest of its
@@ -36,12 +36,15 @@ from lm_eval.utils import (
     get_rolling_token_windows, handle_non_serializable, make_disjoint_window, simple_parse_args_string,
 )
 
+from methods import Target
+
 from ..checkpoint import Checkpoint
 from ..data import load_tokenizer
 from ..decoded import open_checkpoint
 from ..errors import LayerpressError
-from ..journal import Run, read_journal
+from ..journal import WORK_DIR, Run, read_journal
 from ..model import StagedModel
+from ..planner import Budget, Workload, plan_run, process_baseline
 from ..stream import StreamOptions, remove_offloaded_activations, stream_blocks
 from .lifecycle import RunRequest
 
@@ -49,6 +52,7 @@ log = logging.getLogger("layerpress")
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's HF backend's, for models whose config and tokenizer name none
 TokenRequest = tuple[Any, list[int], list[int]]  # (what lm-eval caches it under, context tokens, continuation tokens)
+Readers = dict[tuple[int, ...], list[int]]  # a distinct model input -> the requests that read it
 
 
 @register_model("layerpress")
@@ -63,12 +67,15 @@ class LayerpressLM(TemplateLM):
         dtype: torch.dtype | None = None,
         max_length: int | None = None,
         restart: bool = False,
+        budget: Budget | None = None,
     ):
         """work: where the passes' journals and activations go (None: a temporary directory, not resumable);
-        restart: redo the passes found there instead of resuming them."""
+        restart: redo the passes found there instead of resuming them; budget: the memory each pass's plan may use
+        (None: the machine's totals)."""
         super().__init__()
         self.model_dir, self.restart = Path(model), restart
         self.options = options or StreamOptions()
+        self.budget = budget or Budget.of_machine(self.options.device)
         self.checkpoint = open_checkpoint(self.model_dir)
         self.staged = StagedModel(self.checkpoint, self.options.device, dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -164,18 +171,34 @@ class LayerpressLM(TemplateLM):
         out = self.work / f"{kind}-{digest[:16]}"
         settings = {"kind": kind, "requests": len(requests), "digest": digest, "dtype": str(self.staged.dtype),
                     "max_length": self.max_length}
-        options = self.options if self.options.offload_dir is None else \
-            replace(self.options, offload_dir=self.options.offload_dir / out.name)
+        readers = distinct_inputs(inputs)
 
         def work(run: Run) -> None:
             clock = time.perf_counter()
-            scores = stream_and_score(self.staged, list(inputs), list(continuations), options, run)
+            options = self._planned(readers, out)
+            scores = stream_and_score(self.staged, readers, list(continuations), options, run)
             remove_offloaded_activations(options)
             run.finish({"seconds": time.perf_counter() - clock, "scores": scores})  # `status` reads the seconds
 
         RunRequest("eval-tasks", out, self.model_dir, self.restart).execute(
             settings, {"checkpoint": self.checkpoint.fingerprint()}, self.staged.num_blocks, work)
         return [(float(logprob), bool(greedy)) for logprob, greedy in read_journal(out)["summary"]["scores"]]
+
+    def _planned(self, readers: Readers, out: Path) -> StreamOptions:
+        """The pass's stream options from its memory plan (a forward-only pass over its distinct inputs, at the
+        given micro-batch): activations on the device or in RAM when they fit, else in files in the pass's work
+        directory (--offload-activations puts them there in any case); a pass that cannot fit is refused."""
+        options = self.options
+        plan = plan_run(
+            self.staged, Workload(None, Target(), len(readers), max(map(len, readers))), options.device.type,
+            self.budget, process_baseline(options.device.type), prefetch=options.prefetch,
+            micro_batch=options.micro_batch, offload=options.offload_dir is not None,
+        )
+        log.info("plan: %s", plan.summary())
+        offload_dir = options.offload_dir / out.name if options.offload_dir is not None else \
+            out / WORK_DIR / "activations" if plan.choice.activations == "disk" else None
+        return replace(options, offload_dir=offload_dir, activations_on_device=plan.choice.activations == "device",
+                       planned_device_peak=plan.device_peak)
 
     def _model_input(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
         """The tokens the model reads (context + continuation less its last, left-truncated to max_length, as
@@ -186,26 +209,32 @@ class LayerpressLM(TemplateLM):
         return (context + continuation)[-(self.max_length + 1):][:-1], continuation
 
 
-def stream_and_score(
-    staged: StagedModel, inputs: list[list[int]], continuations: list[list[int]], options: StreamOptions,
-    run: Run | None = None,
-) -> list[tuple[float, bool]]:
-    """Run each distinct model input once (the choices of a multiple-choice question with one-token answers share
-    theirs), right-padded, longest first, through every block; then score each request's continuation at the head
-    (its tokens' log-softmax, micro-batch by micro-batch). Results in the requests' order."""
-    readers: dict[tuple[int, ...], list[int]] = {}  # distinct input -> the requests that read it
+def distinct_inputs(inputs: list[list[int]]) -> Readers:
+    """Each distinct model input once, with the requests that read it (the choices of a multiple-choice question
+    with one-token answers share theirs)."""
+    readers: Readers = {}
     for request, tokens in enumerate(inputs):
         readers.setdefault(tuple(tokens), []).append(request)
+    return readers
+
+
+def stream_and_score(
+    staged: StagedModel, readers: Readers, continuations: list[list[int]], options: StreamOptions,
+    run: Run | None = None,
+) -> list[tuple[float, bool]]:
+    """Run each distinct input once, right-padded, longest first, through every block; then score each request's
+    continuation at the head (its tokens' log-softmax, micro-batch by micro-batch). Results in the requests'
+    order."""
     distinct = sorted(readers, key=len, reverse=True)
     lengths = [len(tokens) for tokens in distinct]
-    log.info("lm-eval: %d requests, %d distinct inputs of %d to %d tokens", len(inputs), len(distinct), lengths[-1],
-             lengths[0])
+    log.info("lm-eval: %d requests, %d distinct inputs of %d to %d tokens", len(continuations), len(distinct),
+             lengths[-1], lengths[0])
     windows = torch.zeros(len(distinct), lengths[0], dtype=torch.long)  # the padding token is never attended to
     for row, tokens in enumerate(distinct):
         windows[row, : lengths[row]] = torch.tensor(tokens)
     acts = stream_blocks(staged, windows, options, process=lambda context: {}, run=run, desc="lm-eval",
                          lengths=lengths)
-    scores: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
+    scores: list[tuple[float, bool]] = [(0.0, False)] * len(continuations)
     with staged.final_stage() as logits_of, torch.no_grad():
         for batch in acts.batches():
             scored = [(row, request) for row in range(batch.start, batch.stop) for request in readers[distinct[row]]]
