@@ -56,11 +56,12 @@ def streamed(model: Path, output: Path, tasks: list[str], *extra: str) -> dict:
     return json.loads(output.read_text())
 
 
-def hf_backend(pretrained, tasks: list[str], max_length: int | None = MAX_LENGTH, **model_args) -> dict:
+def hf_backend(pretrained, tasks: list[str], max_length: int | None = MAX_LENGTH, limit: int | None = None,
+               num_fewshot: int | None = None, **model_args) -> dict:
     """lm-eval's own HF backend on the whole model: float32, batch size 1."""
     lm = HFLM(pretrained=pretrained, dtype="float32", batch_size=1, device="cpu", max_length=max_length, **model_args)
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks, TASKS_DIR),
-                           bootstrap_iters=BOOTSTRAP, log_samples=True)
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks, TASKS_DIR), limit=limit,
+                           num_fewshot=num_fewshot, bootstrap_iters=BOOTSTRAP, log_samples=True)
 
 
 def leaves(value) -> list:
@@ -87,8 +88,11 @@ def test_streamed_tasks_equal_lm_evals_hf_backend(tiny_checkpoints, tmp_path, fa
     texts = [json.loads(line)["text"] for line in (TASKS_DIR / "cloze.jsonl").read_text().splitlines()]
     assert max(len(load_tokenizer(model).encode(text)) for text in texts) > 2 * MAX_LENGTH  # several windows
     on_disk = ["--offload-activations", str(tmp_path / "activations")] if family == "opt" else []  # RAM otherwise
-    ours = streamed(model, tmp_path / "results.json", TASKS, "--max-length", str(MAX_LENGTH), *on_disk)
-    assert_same_results(ours, hf_backend(str(model), TASKS), TASKS)
+    limit, shots = (10, 2) if family == "bloom" else (None, None)  # documents, few-shot examples
+    chosen = ["--limit", str(limit), "--num-fewshot", str(shots)] if limit else []
+    ours = streamed(model, tmp_path / "results.json", TASKS, "--max-length", str(MAX_LENGTH), *on_disk, *chosen)
+    assert_same_results(ours, hf_backend(str(model), TASKS, limit=limit, num_fewshot=shots), TASKS)
+    assert len(ours["samples"][MULTIPLE_CHOICE]) == (limit or 24) and ours["n-shot"][MULTIPLE_CHOICE] == (shots or 0)
     assert not list((tmp_path / "activations").rglob("*.bin"))  # a finished pass removes its activation files
     assert ours["layerpress"]["model"] == str(model) and ours["layerpress"]["record"] is None
     assert set(ours["results"]) == set(TASKS) and "acc_stderr,none" in ours["results"][MULTIPLE_CHOICE]

@@ -6,7 +6,7 @@ the `layerpress-lm-eval` script does that). lm-eval hands over all requests of o
 answered in one streamed pass:
 
     tokenize as lm-eval's HF backend ─► distinct inputs, longest first, right-padded ─► block 1, block 2, …
-    (stream_blocks, activations where the memory plan fits them) ─► the head on the continuations only ─► (log p, greedy)
+    (stream_blocks, activations where the plan fits them) ─► the head on the continuations only ─► (log p, greedy)
 
 Right padding under a causal mask changes no real token's states, and a micro-batch runs on its longest request's
 tokens only. Each pass is a resumable run (commands/lifecycle.py) in a work directory named by the digest of its
