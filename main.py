@@ -89,7 +89,8 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.device] = parse_device,
-               planned: bool = False, offload: bool = True) -> None:
+               offload: bool = True) -> None:
+    """Options of every planned command: the model, the windows, where and how blocks run."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--seqlen", type=int, default=2048,
@@ -98,21 +99,20 @@ def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.de
                         help=f"where blocks run: cpu or cuda (default here: {default_device})")
     parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=None,
                         help="compute dtype of the blocks (default: the checkpoint's); outputs keep the checkpoint's")
-    parser.add_argument("--micro-batch", type=int, default=None if planned else 1,
-                        help="windows per block forward (default: " + ("the largest the memory plan fits)"
-                                                                       if planned else "1)"))
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="windows per block forward (default: the largest the memory plan fits)")
     if offload:
         parser.add_argument("--offload-activations", type=Path, default=None, metavar="DIR",
-                            help="keep the activations in memory-mapped files in DIR instead of RAM" + (
-                                " (default: on the device or in RAM when they fit, else in OUT/.layerpress/activations)"
-                                if planned else ""))
+                            help="keep the activations in memory-mapped files in DIR instead of RAM (default: on "
+                            "the device or in RAM when they fit, else in OUT/.layerpress/activations, or for eval "
+                            "a temporary directory)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="read each block only when it is needed, instead of during the previous block "
                         "(saves one block of host RAM)")
 
 
 def add_planning(parser: argparse.ArgumentParser) -> None:
-    """Options of the memory plan, shared by plan and compress."""
+    """Options of the memory plan, shared by plan and every command it plans."""
     parser.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
                         help="device memory to plan for, e.g. 80GiB (default: the device's total; on a CPU, the "
                         "host memory)")
@@ -124,7 +124,7 @@ def add_planning(parser: argparse.ArgumentParser) -> None:
 
 
 def add_method(parser: argparse.ArgumentParser) -> None:
-    """The method, its target and its own options, shared by plan and compress."""
+    """The method, its target and its own options, of compress (and its plan)."""
     parser.add_argument("--method", choices=sorted(METHODS), default="sparsegpt",
                         help="; ".join(f"{name}: {cls.summary}" for name, cls in sorted(METHODS.items()))
                         + " (default: sparsegpt)")
@@ -223,104 +223,71 @@ def add_bits_policy(parser: argparse.ArgumentParser) -> None:
                        help="the bit widths a layer may get (default: 4,8)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+PLANNED_COMMANDS = ("compress", "scores", "gradients", "eval")
 
-    compress = commands.add_parser(
-        "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
-        description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
-        "time (flap: remove whole heads and MLP channels, in a statistics pass then a pruning pass; the smaller "
-        "model loads with streamer.model.load_model). Re-running the same command on a partial output resumes it.",
-    )
-    add_common(compress, planned=True)
-    compress.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
-    add_method(compress)
-    add_calibration(compress)
-    add_output(compress)
-    compress.add_argument("--format", choices=sorted(FORMATS), default="dense",
-                          help="; ".join(f"{name}: {fmt.summary}" for name, fmt in sorted(FORMATS.items()))
-                          + " (default: dense)")
-    add_planning(compress)
-    add_allocation(compress)
-    add_bits_policy(compress)
-    compress.add_argument("--gradients", type=Path, default=None, metavar="GRAD_DIR",
-                          help="gblm: gradient norms written by `main.py gradients` with the same model and "
-                          "calibration options")
 
-    plan = commands.add_parser(
-        "plan", help="will a compress run fit, with which settings, and how long will it take",
-        description="Predict, from config.json and the shard headers alone, the peak device and host memory of every "
-        "phase of a compress run, the settings that fit (micro-batch, where the activations live, statistics "
-        "per group or per layer), and its wall time from this machine's measured throughput (a few seconds of "
-        "matmul, Cholesky, copy and disk probes, or figures from --speed). A run that cannot fit is refused "
-        "with the reason (exit 1).",
-    )
-    add_common(plan, device=torch.device, planned=True)
-    add_method(plan)
-    plan.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
-    add_planning(plan)
-    plan.add_argument("--speed", type=Path, default=None, metavar="FILE",
-                      help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
-    plan.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
-
-    scores = commands.add_parser(
-        "scores", help="estimate each linear layer's pruning loss (input of --allocation score and owl)",
-        description="Stream the model block by block and write OUT/scores.json: for every linear layer its "
-        "parameter count, the OBS loss estimates of pruning it at each probe --sparsity (the SparseGPT sweep's "
-        "accumulated loss and the one-shot saliency sum w^2/[U]_qq^2 of the weights the mask removes) and its count "
-        "of outlier Wanda scores (OWL). Re-running the same command on a partial output resumes it.",
-    )
-    add_common(scores)
-    scores.add_argument("--out", type=Path, required=True, help="output directory (new, or a partial run's)")
-    scores.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
-                        help="probe sparsities of the estimates, one or several (default: 0.5)")
-    scores.add_argument("--inputs", choices=("dense", "pruned"), default="dense",
-                        help="score each block on the dense model's activations, or on those of earlier blocks "
-                        "pruned by SparseGPT at the probe sparsity, as sequential pruning sees them (default: dense)")
-    scores.add_argument("--outlier-threshold", type=float, default=5.0,
-                        help="OWL's M: a Wanda score is an outlier above M times its block's mean (default: 5)")
-    scores.add_argument("--cca-noise", type=float, default=0.01,
-                        help="CMPQ: the output noise its canonical correlations are taken under, relative to the "
-                        "layer's mean output variance (default: 0.01)")
-    add_calibration(scores)
-    scores.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
-    METHODS["sparsegpt"].add_arguments(scores.add_argument_group("OBS options (as sparsegpt's)"))
-    Reconstruction.add_arguments(compress.add_argument_group(
+def add_compress_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
+    device = torch.device if planning else parse_device  # a plan may be for a GPU this machine lacks
+    add_common(parser, device=device)
+    parser.add_argument("--out", type=Path, required=not planning, help="output directory (new, or a partial run's)")
+    add_method(parser)
+    add_calibration(parser)
+    add_output(parser)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="dense",
+                        help="; ".join(f"{name}: {fmt.summary}" for name, fmt in sorted(FORMATS.items()))
+                        + " (default: dense)")
+    add_planning(parser)
+    add_allocation(parser)
+    add_bits_policy(parser)
+    parser.add_argument("--gradients", type=Path, default=None, metavar="GRAD_DIR",
+                        help="gblm: gradient norms written by `main.py gradients` with the same model and "
+                        "calibration options")
+    Reconstruction.add_arguments(parser.add_argument_group(
         "reconstruction options",
         "After pruning a block, train a tiny subset of its parameters (AdamW, float32, one micro-batch per step) "
         "so that its outputs match the dense block's, then merge it into the weights (PERP, Zimmer et al. 2023).",
     ))
 
-    gradients = commands.add_parser(
-        "gradients", help="per-weight gradient norms of the LM loss on the calibration windows (for gblm)",
-        description="Forward block by block keeping each block's inputs, the loss at the head, then backward "
-        "block by block: per weight, the l2 norm over calibration windows of the gradient of each window's mean "
-        "token loss, written as safetensors (one file per block) into --out. Activations and gradients live in "
-        "memory-mapped files in --out (about blocks x nsamples x seqlen x hidden values of disk at the peak). "
-        "Re-running the same command resumes a partial run.",
-    )
-    add_common(gradients, offload=False)
-    gradients.add_argument("--out", type=Path, required=True, help="gradients directory (new, or a partial run's)")
-    add_calibration(gradients)
-    gradients.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
 
-    evaluate = commands.add_parser(
-        "eval", help="WikiText-2 perplexity, or lm-evaluation-harness tasks (--tasks), streamed block by block",
-        description="Perplexity = exp(mean token NLL) over non-overlapping windows of the text. The last line "
-        'of the output is JSON: {"ppl": ..., "windows": ..., "tokens": ...}. With --tasks: lm-eval\'s '
-        "log-likelihood tasks (multiple choice, loglikelihood, loglikelihood_rolling), all requests streamed through "
-        "block 1, block 2, ...; lm-eval computes the metrics. Needs the eval extra (pip install 'layerpress[eval]'). "
-        "A killed task evaluation resumes when the same command is run again.",
-    )
-    add_common(evaluate)
-    evaluate.add_argument("--data", default=str(DEFAULT_EVALUATION),
-                          help="evaluation text (default: the bundled WikiText-2 test text)")
-    evaluate.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    tasks = evaluate.add_argument_group("lm-evaluation-harness tasks")
+def add_scores_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
+    add_common(parser, device=torch.device if planning else parse_device)
+    parser.add_argument("--out", type=Path, required=not planning, help="output directory (new, or a partial run's)")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
+                        help="probe sparsities of the estimates, one or several (default: 0.5)")
+    parser.add_argument("--inputs", choices=("dense", "pruned"), default="dense",
+                        help="score each block on the dense model's activations, or on those of earlier blocks "
+                        "pruned by SparseGPT at the probe sparsity, as sequential pruning sees them (default: dense)")
+    parser.add_argument("--outlier-threshold", type=float, default=5.0,
+                        help="OWL's M: a Wanda score is an outlier above M times its block's mean (default: 5)")
+    parser.add_argument("--cca-noise", type=float, default=0.01,
+                        help="CMPQ: the output noise its canonical correlations are taken under, relative to the "
+                        "layer's mean output variance (default: 0.01)")
+    add_calibration(parser)
+    add_planning(parser)
+    parser.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+    METHODS["sparsegpt"].add_arguments(parser.add_argument_group("OBS options (as sparsegpt's)"))
+
+
+def add_gradients_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
+    add_common(parser, device=torch.device if planning else parse_device, offload=False)
+    parser.add_argument("--out", type=Path, required=not planning,
+                        help="gradients directory (new, or a partial run's)")
+    add_calibration(parser)
+    add_planning(parser)
+    parser.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
+    add_common(parser, device=torch.device if planning else parse_device)
+    parser.add_argument("--data", default=str(DEFAULT_EVALUATION),
+                        help="evaluation text (default: the bundled WikiText-2 test text)")
+    parser.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    add_planning(parser)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """eval --tasks: lm-evaluation-harness tasks instead of perplexity."""
+    tasks = parser.add_argument_group("lm-evaluation-harness tasks")
     tasks.add_argument("--tasks", default=None, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
     tasks.add_argument("--limit", type=int, default=None, help="the first N documents of each task only")
     tasks.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: "
@@ -339,6 +306,75 @@ def build_parser() -> argparse.ArgumentParser:
                        "HF backend: the config's maximum positions, else the tokenizer's, else 2048)")
     tasks.add_argument("--restart", action="store_true", help="redo the passes in --work instead of resuming them")
 
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speed", type=Path, default=None, metavar="FILE",
+                        help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
+    parser.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compress = commands.add_parser(
+        "compress", help="prune and/or quantize a checkpoint block by block into a new sharded checkpoint",
+        description="Prune and/or quantize every linear layer of every transformer block, streaming one block at a "
+        "time (flap: remove whole heads and MLP channels, in a statistics pass then a pruning pass; the smaller "
+        "model loads with streamer.model.load_model). Re-running the same command on a partial output resumes it.",
+    )
+    add_compress_arguments(compress)
+
+    plan = commands.add_parser(
+        "plan", help="will a compress, scores, gradients or eval run fit, with which settings, and how long will it "
+        "take",
+        description="plan COMMAND [that command's options]: predict, from config.json and the shard headers alone, "
+        "the peak device and host memory of every phase of that command's run (compress when COMMAND is left out), "
+        "the settings that fit (micro-batch, where the activations live, statistics per group or per layer), and "
+        "its wall time from this machine's measured throughput (a few seconds of matmul, Cholesky, copy and disk "
+        "probes, or figures from --speed). A run that cannot fit is refused with the reason (exit 1). Every command "
+        "makes the same plan before it reads a byte.",
+    )
+    planned = plan.add_subparsers(dest="planned", required=True, metavar="COMMAND")
+    for name, add_arguments in (("compress", add_compress_arguments), ("scores", add_scores_arguments),
+                                ("gradients", add_gradients_arguments), ("eval", add_eval_arguments)):
+        command = planned.add_parser(name, help=f"plan a {name} run (its own options; --out may be left out)")
+        add_arguments(command, planning=True)
+        add_plan_arguments(command)
+
+    scores = commands.add_parser(
+        "scores", help="estimate each linear layer's pruning loss (input of --allocation score and owl)",
+        description="Stream the model block by block and write OUT/scores.json: for every linear layer its "
+        "parameter count, the OBS loss estimates of pruning it at each probe --sparsity (the SparseGPT sweep's "
+        "accumulated loss and the one-shot saliency sum w^2/[U]_qq^2 of the weights the mask removes) and its count "
+        "of outlier Wanda scores (OWL). Re-running the same command on a partial output resumes it.",
+    )
+    add_scores_arguments(scores)
+
+    gradients = commands.add_parser(
+        "gradients", help="per-weight gradient norms of the LM loss on the calibration windows (for gblm)",
+        description="Forward block by block keeping each block's inputs, the loss at the head, then backward "
+        "block by block: per weight, the l2 norm over calibration windows of the gradient of each window's mean "
+        "token loss, written as safetensors (one file per block) into --out. Activations and gradients live in "
+        "memory-mapped files in --out (about blocks x nsamples x seqlen x hidden values of disk at the peak). "
+        "Re-running the same command resumes a partial run.",
+    )
+    add_gradients_arguments(gradients)
+
+    evaluate = commands.add_parser(
+        "eval", help="WikiText-2 perplexity, or lm-evaluation-harness tasks (--tasks), streamed block by block",
+        description="Perplexity = exp(mean token NLL) over non-overlapping windows of the text. The last line "
+        'of the output is JSON: {"ppl": ..., "windows": ..., "tokens": ...}. With --tasks: lm-eval\'s '
+        "log-likelihood tasks (multiple choice, loglikelihood, loglikelihood_rolling), all requests streamed through "
+        "block 1, block 2, ...; lm-eval computes the metrics. Needs the eval extra (pip install 'layerpress[eval]'). "
+        "A killed task evaluation resumes when the same command is run again.",
+    )
+    add_eval_arguments(evaluate)
+    add_task_arguments(evaluate)
+
     decompress = commands.add_parser(
         "decompress", help="turn a packed or sparse output back into dense safetensors",
         description="Rebuild the dense weights of a --format packed or sparse output, tensor by tensor, bit for bit "
@@ -351,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="how far a run in an output directory got, and what is left")
     status.add_argument("out", type=Path, help="output directory of a compress, scores or gradients run")
     return parser
+
+
+def with_planned_command(argv: list[str]) -> list[str]:
+    """`plan OPTIONS` as today's `plan compress OPTIONS`: the command may be left out."""
+    if argv and argv[0] == "plan" and (len(argv) == 1 or argv[1] not in (*PLANNED_COMMANDS, "-h", "--help")):
+        return ["plan", "compress", *argv[1:]]
+    return argv
 
 
 def make_quant(args: argparse.Namespace) -> QuantSpec | None:
@@ -394,12 +437,21 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def stream_options(args: argparse.Namespace):
+    """The stream options as given (micro-batch 1 until the plan fills it in)."""
     from streamer.stream import StreamOptions
 
     return StreamOptions(
-        device=args.device, micro_batch=args.micro_batch or 1, offload_dir=args.offload_activations,
+        device=args.device, micro_batch=args.micro_batch or 1, offload_dir=getattr(args, "offload_activations", None),
         prefetch=args.prefetch,
     )
+
+
+def plan_choices(args: argparse.Namespace):
+    """What the user fixed of the memory plan, and the memory it may use."""
+    from streamer.commands.planning import PlanChoices
+
+    return PlanChoices(budget=budget(args), micro_batch=args.micro_batch,
+                       statistics_per_layer=args.statistics_per_layer)
 
 
 def make_method(args: argparse.Namespace):
@@ -462,18 +514,37 @@ def run_compress(args: argparse.Namespace) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     from streamer.commands.plan import PlanSettings, plan
 
-    method = make_method(args)
-    if not isinstance(method, Method):
-        raise LayerpressError(f"plan covers the per-layer methods; {method.name} holds one block at a time, as they do")
     result = plan(PlanSettings(
-        model=args.model, method=method, target=make_target(args), nsamples=args.nsamples, seqlen=args.seqlen,
-        device=args.device, budget=budget(args), dtype=compute_dtype(args), true_sequential=args.true_sequential,
-        prefetch=args.prefetch, micro_batch=args.micro_batch, offload=args.offload_activations is not None,
+        model=args.model, workload=planned_workload(args), seqlen=args.seqlen, device=args.device,
+        budget=budget(args), dtype=compute_dtype(args), true_sequential=getattr(args, "true_sequential", False),
+        prefetch=args.prefetch, micro_batch=args.micro_batch,
+        offload=getattr(args, "offload_activations", None) is not None,
         statistics_per_layer=args.statistics_per_layer, speed=args.speed, save_speed=args.save_speed,
+        evaluation=(args.data, args.windows) if args.planned == "eval" else None,
     ))
     print(result.describe())
     if result.estimate is None:
         print(f"time: no estimate ({args.device.type} is not on this machine: give --speed FILE, measured there)")
+
+
+def planned_workload(args: argparse.Namespace):
+    """The pass `plan COMMAND` plans, from that command's own options (eval's window count is filled in later)."""
+    from streamer.planner import Workload
+
+    if args.planned == "compress":
+        try:
+            reconstruction = Reconstruction.from_args(args)
+        except ValueError as exc:
+            raise LayerpressError(str(exc)) from exc
+        return Workload(make_method(args), make_target(args), args.nsamples, args.seqlen,
+                        reconstruction=reconstruction)
+    if args.planned == "scores":
+        from streamer.commands.scores import ScoreSettings
+
+        settings = ScoreSettings(model=args.model, out=args.out, scorer=make_scorer(args), inputs=args.inputs,
+                                 calibration=calibration_options(args))
+        return settings.workload(args.seqlen)
+    return Workload(None, Target(), getattr(args, "nsamples", 1), args.seqlen, command=args.planned)
 
 
 def run_decompress(args: argparse.Namespace) -> None:
@@ -482,17 +553,23 @@ def run_decompress(args: argparse.Namespace) -> None:
     decompress(args.model, args.out, args.max_shard_size, args.restart)
 
 
-def run_scores(args: argparse.Namespace) -> None:
+def make_scorer(args: argparse.Namespace):
     from methods.scores import Scorer
-    from streamer.commands.scores import ScoreSettings, score
 
     try:
-        scorer = Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold, args.cca_noise)
+        return Scorer(tuple(args.sparsity), args.damping, args.blocksize, args.outlier_threshold, args.cca_noise,
+                      args.gram_dtype)
     except ValueError as exc:
         raise LayerpressError(str(exc)) from exc
+
+
+def run_scores(args: argparse.Namespace) -> None:
+    from streamer.commands.scores import ScoreSettings, score
+
     settings = ScoreSettings(
-        model=args.model, out=args.out, scorer=scorer, calibration=calibration_options(args), inputs=args.inputs,
-        dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
+        model=args.model, out=args.out, scorer=make_scorer(args), calibration=calibration_options(args),
+        inputs=args.inputs, dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
+        planning=plan_choices(args),
     )
     print(score(settings))
 
@@ -508,6 +585,8 @@ def run_gradients(args: argparse.Namespace) -> None:
         device=args.device,
         micro_batch=args.micro_batch,
         restart=args.restart,
+        prefetch=args.prefetch,
+        planning=plan_choices(args),
     ))
 
 
@@ -517,7 +596,8 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     from streamer.commands.evaluate import perplexity
 
-    result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args))
+    result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args),
+                        plan_choices(args))
     print(json.dumps(result))
 
 
@@ -533,7 +613,7 @@ def run_tasks(args: argparse.Namespace) -> None:
     results = evaluate_tasks(
         args.model, [task for task in args.tasks.split(",") if task], work, stream_options(args), compute_dtype(args),
         args.limit, args.num_fewshot, args.include_path, args.bootstrap_iters,
-        args.max_length, args.restart,
+        args.max_length, args.restart, plan_choices(args),
     )
     if args.output:
         write_results(results, args.output, samples=args.log_samples)
@@ -547,7 +627,7 @@ def run_status(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(with_planned_command(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s.%(msecs)03d layerpress: %(message)s",

@@ -245,13 +245,16 @@ class HessianSweep(Method):
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
-        product (up to the weight's size), or at the end the result in `dtype`; the column loop launches a few
+        product (up to the weight's size), or at the end the result in `dtype`; with act-order, the Gram permuted for
+        the factorization (one more columns² float32); the column loop launches a few
         kernels per column (`kernels_per_column`) on a rows × blocksize tile. A quantization grid adds a byte per
         weight. The mask (and the grid integers) are kept with the result. The statistic's update is the Gram's."""
         weight = rows * columns
         kept = weight + (QuantRecord.nbytes_for(rows, columns, target.quant, dtype) if target.quant else 0)
+        permuted = 4 * columns * columns if target.quant is not None and target.quant.act_order else 0
         return LayerCost(
-            working_bytes=4 * columns * columns + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
+            working_bytes=4 * columns * columns + permuted
+            + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
             kept_bytes=kept,
             factored=columns,
             matmul_flops=float(rows) * columns * columns,

@@ -23,17 +23,19 @@ whole block. `cmpq`, `pmpq` (per probe) and `tdmpq` are CPTQuant's sensitivities
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
-from .base import Target
+from .base import LayerCost, Target
 from .hessian import dead_inputs, inverse_cholesky
-from .masks import lowest_overall
+from .masks import lowest_overall, selection_bytes
 from .obs import sweep
+from .sparsegpt import SparseGPT
 from .sensitivity import canonical_sensitivity, output_energy, pruning_sensitivity, taylor_sensitivity
+from .sensitivity import working_bytes as sensitivity_working_bytes
 from .statistics import Gram, check_gram_dtype
 
 
@@ -89,38 +91,52 @@ def score_layer(
     weight.masked_fill_(dead_inputs(gram.gram), 0.0)
     factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
     saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
-    energy = output_energy(weight, gram.hessian) / 2
-    hessian = gram.hessian
+    # The sensitivities are ratios, the same for XᵀX as for H = scale · XᵀX: they read the Gram itself, so no n × n
+    # copy of H is made (13 GB for BLOOM-176B's dense_4h_to_h); only the output energy is scaled back.
+    energy = output_energy(weight, gram.gram) * gram.scale / 2
+    hessian = gram.gram
     result = LayerScore(layer.weight.numel(), {}, {}, used_damping, energy,
                         cmpq=canonical_sensitivity(weight, hessian, cca_noise),
                         pmpq={p: pruning_sensitivity(weight, hessian, p) for p in sparsities},
                         tdmpq=taylor_sensitivity(weight, hessian))
     for sparsity in sparsities:
         mask = lowest_overall(saliency, int(weight.numel() * sparsity))
-        result.saliency[sparsity] = one_shot_saliency(weight, factor, mask)
+        result.saliency[sparsity] = float(saliency[mask].sum(dtype=torch.float64) / 2)  # one_shot_saliency's
         pruned, _, result.obs_loss[sparsity] = sweep(weight.clone(), factor, Target(sparsity=sparsity), blocksize)
         if keep_pruned:
             result.pruned = pruned.to(layer.weight.dtype)
     return result
 
 
-def wanda_scores(layer: nn.Linear, gram: Gram) -> torch.Tensor:
+def wanda_scores(layer: nn.Linear, hessian_diagonal: torch.Tensor) -> torch.Tensor:
     """|W_ij|·‖X_j‖ times sqrt(2/N) (from H_jj = 2‖X_j‖²/N): the same factor for every layer of a block, which
     outlier ratios do not see."""
-    return layer.weight.detach().float().abs() * gram.hessian.diagonal().sqrt().unsqueeze(0)
+    return layer.weight.detach().float().abs() * hessian_diagonal.sqrt().unsqueeze(0)
 
 
-def outlier_counts(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, int]:
-    """Per layer, how many of its scores exceed `threshold` times the mean score of all the layers together."""
-    total = sum(float(s.double().sum()) for s in scores.values())
-    mean = total / sum(s.numel() for s in scores.values())
-    return {name: int((s > threshold * mean).sum()) for name, s in scores.items()}
+def outlier_counts(score_of: Callable[[str], torch.Tensor], names: Iterable[str], threshold: float) -> dict[str, int]:
+    """Per layer, how many of its scores exceed `threshold` times the mean score of all the layers together.
+
+    score_of(name) makes one layer's scores: they are made twice (for the mean, then for the counts) rather than
+    all kept at once, which for a BLOOM-176B block would be 10 GB of float32 copies."""
+    names = list(names)
+    total, count = 0.0, 0
+    for name in names:
+        scores = score_of(name)
+        total, count = total + float(scores.sum(dtype=torch.float64)), count + scores.numel()
+    mean = total / count
+    return {name: int((score_of(name) > threshold * mean).sum()) for name in names}
 
 
 @dataclass
 class Scorer:
     """The per-block maths of the score pass. sparsities: the probes; damping, blocksize, gram_dtype: SparseGPT's;
-    outlier_threshold: OWL's M; cca_noise: CMPQ's output noise, relative to the mean output variance."""
+    outlier_threshold: OWL's M; cca_noise: CMPQ's output noise, relative to the mean output variance;
+    keep_pruned: each layer's score also returns its weight pruned at the (single) probe, to propagate pruned
+    inputs.
+
+    It also answers the memory planner's questions as a `Method` does (`statistic`, `layer_cost`): the score
+    pass is planned like a compress run that writes nothing."""
 
     sparsities: tuple[float, ...]
     damping: float = 0.01
@@ -128,31 +144,47 @@ class Scorer:
     outlier_threshold: float = 5.0
     cca_noise: float = 0.01
     gram_dtype: str = "float32"
+    keep_pruned: bool = False
+
+    name: ClassVar[str] = "scores"
+    precomputed: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if not self.sparsities or not all(0.0 <= s < 1.0 for s in self.sparsities):
             raise ValueError(f"probe sparsities must lie in [0, 1), got {list(self.sparsities)}")
         if self.blocksize < 1 or self.damping < 0 or self.outlier_threshold <= 0 or self.cca_noise <= 0:
             raise ValueError("scores need blocksize >= 1, damping >= 0, an outlier threshold > 0 and a CCA noise > 0")
+        if self.keep_pruned and len(self.sparsities) != 1:
+            raise ValueError("pruning while scoring needs exactly one probe sparsity")
         check_gram_dtype(self.gram_dtype)
 
     def statistic(self, layer: nn.Linear) -> Gram:
         return Gram(layer, self.gram_dtype)
 
-    def score_block(
-        self, layers: dict[str, nn.Linear], grams: dict[str, Gram], keep_pruned: bool = False
-    ) -> dict[str, LayerScore]:
-        """Every layer of one block scored; outliers are counted against the whole block's mean Wanda score.
+    def score(self, layer: nn.Linear, gram: Gram) -> LayerScore:
+        """One layer's loss estimates and sensitivities (its outlier count needs the whole block: `outliers`)."""
+        return score_layer(layer, gram, self.sparsities, self.damping, self.blocksize, self.keep_pruned,
+                           self.cca_noise)
 
-        keep_pruned: return each layer's weight pruned at the probe (needs exactly one probe).
-        """
-        if keep_pruned and len(self.sparsities) != 1:
-            raise ValueError("pruning while scoring needs exactly one probe sparsity")
-        outliers = outlier_counts({name: wanda_scores(layer, grams[name]) for name, layer in layers.items()},
-                                  self.outlier_threshold)
-        scores = {}
-        for name, layer in layers.items():
-            scores[name] = score_layer(layer, grams[name], self.sparsities, self.damping, self.blocksize, keep_pruned,
-                                       self.cca_noise)
-            scores[name].outliers = outliers[name]
-        return scores
+    def outliers(self, layers: dict[str, nn.Linear], hessian_diagonals: dict[str, torch.Tensor]) -> dict[str, int]:
+        """OWL's outlier count of every layer of one block, against the whole block's mean Wanda score."""
+        return outlier_counts(lambda name: wanda_scores(layers[name], hessian_diagonals[name]), layers,
+                              self.outlier_threshold)
+
+    def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
+        """`score` on a rows × columns layer: the float32 weight and saliencies and the factor throughout; then the
+        largest of the sensitivities' working memory, a selection over the whole matrix, and one sweep (its
+        float32 copy of the weight and its own working memory). With keep_pruned, the pruned weight is kept."""
+        weight = rows * columns
+        probe = Target(sparsity=max(self.sparsities))
+        sweep = SparseGPT(self.blocksize, self.damping, self.gram_dtype).layer_cost(rows, columns, dtype, probe)
+        sweep_beyond_factor = sweep.working_bytes - 4 * columns * columns
+        working = 4 * columns * columns + 8 * weight + max(
+            sensitivity_working_bytes(rows, columns, probe.sparsity),
+            selection_bytes(rows, columns, probe, per_row=False),
+            weight + 4 * weight + sweep_beyond_factor,
+        )
+        return replace(sweep, working_bytes=working,
+                       kept_bytes=weight * dtype.itemsize if self.keep_pruned else 0,
+                       sequential_ops=sweep.sequential_ops * len(self.sparsities),
+                       matmul_flops=sweep.matmul_flops * len(self.sparsities))

@@ -22,35 +22,52 @@ from __future__ import annotations
 
 import torch
 
-from .masks import lowest_overall
+from .base import Target
+from .masks import lowest_overall, selection_bytes
 
 POLICIES = ("cmpq", "pmpq", "tdmpq")
+# Rows of W multiplied with H at once: the products are float32 over row chunks of about this many weights (64 MiB),
+# summed in float64, so no rows × columns product and no float64 copy of H exist (BLOOM-176B's dense_4h_to_h has a
+# 57344² Hessian: 13 GiB in float32, 26 GiB in float64).
+CHUNK_VALUES = 2**24
+
+
+def _row_chunks(weight: torch.Tensor):
+    step = max(1, CHUNK_VALUES // weight.shape[1])
+    return (weight[start : start + step].float() for start in range(0, weight.shape[0], step))
 
 
 def output_second_moments(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """The nonzero spectrum of W H Wᵀ (float64, min(rows, columns) eigenvalues, ascending), from the smaller side."""
+    """The nonzero spectrum of W H Wᵀ (float64, min(rows, columns) eigenvalues, ascending), from the smaller side:
+    only min(rows, columns)² matrices are float64."""
     rows, columns = weight.shape
+    hessian = hessian.float()
     if rows <= columns:
-        return torch.linalg.eigvalsh(weight @ hessian @ weight.T)
-    values, vectors = torch.linalg.eigh(hessian)
+        transposed = weight.float().T
+        moments = torch.cat([chunk @ hessian @ transposed for chunk in _row_chunks(weight)])
+        return torch.linalg.eigvalsh(moments.double())
+    values, vectors = torch.linalg.eigh(hessian.double())
     root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T  # H^½: W H Wᵀ and H^½ WᵀW H^½ share eigenvalues
-    gram = weight.T @ weight
+    del vectors
+    gram = torch.zeros(columns, columns, dtype=torch.float64, device=weight.device)
+    for chunk in _row_chunks(weight):
+        gram += (chunk.T @ chunk).double()
     return torch.linalg.eigvalsh(root @ gram @ root)
 
 
 def canonical_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, noise: float) -> float:
     """CMPQ: 1 − mean canonical correlation of X and XWᵀ + e, e isotropic at `noise` × the mean output variance."""
-    weight, hessian = weight.double(), hessian.double()
     spectrum = output_second_moments(weight, hessian).clamp(min=0)
-    level = noise * float((weight @ hessian * weight).sum()) / weight.shape[0]
+    level = noise * output_energy(weight, hessian) / weight.shape[0]
     if level <= 0:  # a layer that outputs nothing: no signal to lose
         return 0.0
     return float(1 - (spectrum / (spectrum + level)).sqrt().mean())
 
 
 def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(W H Wᵀ) = 2‖WX‖²/N."""
-    return float((weight.double() @ hessian.double() * weight.double()).sum())
+    """tr(W H Wᵀ) = 2‖WX‖²/N, over row chunks of W."""
+    hessian = hessian.float()
+    return sum(float(((chunk @ hessian) * chunk).sum(dtype=torch.float64)) for chunk in _row_chunks(weight))
 
 
 def pruning_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float) -> float:
@@ -61,5 +78,20 @@ def pruning_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, sparsity: f
 
 def taylor_sensitivity(weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """TDMPQ: E‖Wδ‖² / ‖WX‖² for δ_j = σ_j·n_j, σ_j² = E[x_j²]: Σ_j H_jj ‖W_:,j‖² / tr(W H Wᵀ)."""
-    diagonal = float((weight.double().pow(2).sum(dim=0) * hessian.diagonal().double()).sum())
+    column_energy = torch.linalg.vector_norm(weight.float(), dim=0).double().pow(2)
+    diagonal = float((column_energy * hessian.diagonal().double()).sum())
     return diagonal / max(output_energy(weight, hessian), 1e-300)
+
+
+def working_bytes(rows: int, columns: int, sparsity: float = 0.5) -> int:
+    """Peak memory of the sensitivities above on a rows × columns layer besides W and H: float64 matrices of the
+    smaller side (a few at once) and the float32 chunk products; PMPQ's magnitude selection at `sparsity` (the
+    largest probe) and pruned copy."""
+    side = min(rows, columns)
+    spectral = (4 if rows > columns else 2) * 8 * side * side + 4 * side * side
+    step = min(rows, max(1, CHUNK_VALUES // columns))  # rows of a chunk: its W, W H and W H Wᵀ rows
+    chunk = 4 * step * (2 * columns + rows)
+    # PMPQ: |W|, its selection over the whole matrix (a sorted copy with indices, top-k's values and indices, the
+    # mask: methods/masks.py), the pruned copy
+    selection = rows * columns * (4 + 4) + selection_bytes(rows, columns, Target(sparsity=sparsity), per_row=False)
+    return max(spectral, selection) + chunk

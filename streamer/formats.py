@@ -48,8 +48,25 @@ def packed_words(count: int, bits: int) -> int:
     return -(-count * bits // WORD_BITS)
 
 
+# Values packed or unpacked at once: the int64 working copies stay at 8 bytes a value of this many (256 MiB), not of
+# the whole layer (6.6 GB for BLOOM-176B's dense_4h_to_h), wherever the integers are.
+PACK_CHUNK_VALUES = 2**25
+
+
+def _by_row_chunks(convert, tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """convert(rows of tensor) over chunks of rows holding about PACK_CHUNK_VALUES values each, concatenated."""
+    step = max(1, PACK_CHUNK_VALUES // max(count, 1))
+    if tensor.shape[0] <= step:
+        return convert(tensor)
+    return torch.cat([convert(tensor[start : start + step]) for start in range(0, tensor.shape[0], step)])
+
+
 def pack_bits(ints: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack every row of unsigned integers (rows, n) < 2^bits into int32 words (rows, ⌈n·bits/32⌉), densely."""
+    return _by_row_chunks(lambda part: _pack_rows(part, bits), ints, ints.shape[1])
+
+
+def _pack_rows(ints: torch.Tensor, bits: int) -> torch.Tensor:
     rows, count = ints.shape
     chunks = -(-count // WORD_BITS)
     values = torch.zeros(rows, chunks * WORD_BITS, dtype=torch.int64, device=ints.device)
@@ -67,6 +84,10 @@ def pack_bits(ints: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The unsigned integers (rows, count), uint8, that `pack_bits` packed into `words` (rows, ⌈count·bits/32⌉)."""
+    return _by_row_chunks(lambda part: _unpack_rows(part, bits, count), words, count)
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     rows = words.shape[0]
     chunks = -(-count // WORD_BITS)
     padded = torch.zeros(rows, chunks * bits, dtype=torch.int64, device=words.device)

@@ -16,6 +16,12 @@ What each phase holds at its peak, besides the process itself and the activation
     propagate  the block and the forward's transients; that host copy, which the writer thread is writing meanwhile
     eval head  the final stage and one micro-batch of logits (when the output is evaluated)
 
+Each command goes through its own phases (`COMMANDS`): `scores` observes and scores (a layer's factor, the sweep and
+the sensitivities) but writes nothing; `--reconstruct` adds a training phase after compress; `flap` observes its
+channel statistics, propagates, then cuts and writes each block in a second pass without activations; `gradients`
+propagates keeping every block's inputs on disk, takes the loss at the head and walks the blocks back with
+autograd; `eval` only propagates, then scores at the head.
+
 With prefetch, every block phase also holds the next block, read ahead (host).
 """
 
@@ -36,8 +42,9 @@ import psutil
 import torch
 from torch import nn
 
-from methods import Method, Target
+from methods import Method, StructuredMethod, Target
 from methods.base import LayerCost, Statistic
+from methods.reconstruct import Reconstruction
 
 from . import hostmemory
 from .errors import LayerpressError
@@ -60,6 +67,13 @@ CUDA_HOST_RUNTIME_BYTES = 2 * GiB
 DEVICE_MARGIN = 0.05
 ACTIVATION_PLACES = ("device", "host", "disk")
 KEPT_RESULTS = "results kept for the write"  # masks and grid integers of the layers compressed so far
+COMMANDS = ("compress", "scores", "gradients", "eval")
+# Autograd over one block forward holds what the forward saves for the backward (the inputs of every matmul,
+# normalization and activation) while the backward makes as much again: measured on a CPU with Llama, OPT and
+# BLOOM blocks (tools/phase_memory.py), about twice the forward's transients.
+AUTOGRAD_FORWARD_COPIES = 2
+# Positions of a window the gradient pass's head runs at once (streamer/commands/gradients.py: head_loss).
+GRADIENT_HEAD_POSITIONS = 64
 
 
 def resident_bytes() -> int:
@@ -129,6 +143,7 @@ class ModelShapes:
     vocab: int
     linears: tuple[LinearShape, ...]  # in forward order
     groups: tuple[tuple[str, ...], ...]  # observed and compressed together
+    consumers: tuple[str, ...]  # the channel groups' consumer layers (structured methods observe only these)
     dtype: torch.dtype  # compute dtype
     converts: bool  # the compute dtype differs from a stored floating dtype (a copy at read and write)
     eager_attention: bool  # attention scores materialized (seqlen² per head)
@@ -165,6 +180,7 @@ class ModelShapes:
             vocab=config.vocab_size,
             linears=linears,
             groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
+            consumers=tuple(group.consumer for group in adapter.channel_groups),
             dtype=dtype,
             converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in staged.checkpoint.entries.values()),
             eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
@@ -181,12 +197,32 @@ class ModelShapes:
 
 @dataclass(frozen=True)
 class Workload:
-    """What the run does: the method (None: a forward-only pass such as eval), its target, the calibration set."""
+    """What the run does: the command, its method (None: no per-layer statistics, as for eval and gradients), its
+    target, the calibration set (for eval: the evaluation windows).
 
-    method: Method | None
+    method: a `Method`; a `StructuredMethod` (flap); or for `scores`, anything with a Method's planning interface
+        (`statistic`, `layer_cost`, `precomputed`, `name`), as methods.scores.Scorer has.
+    reconstruction: compress --reconstruct's settings (None or not enabled: no training phase).
+    """
+
+    method: Method | StructuredMethod | None
     target: Target
     nsamples: int
     seqlen: int
+    command: str = "compress"
+    reconstruction: Reconstruction | None = None
+
+    def __post_init__(self) -> None:
+        if self.command not in COMMANDS:
+            raise LayerpressError(f"no plan for {self.command!r}: plans cover {', '.join(COMMANDS)}")
+
+    @property
+    def structured(self) -> bool:
+        return isinstance(self.method, StructuredMethod)
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.reconstruction is not None and self.reconstruction.enabled
 
 
 @dataclass(frozen=True)
@@ -197,10 +233,13 @@ class Choice:
     activations: str  # "device", "host" or "disk" (memory-mapped files)
     per_layer_statistics: bool  # observe one layer at a time instead of a whole group at once
 
-    def describe(self, device_type: str) -> str:
+    def describe(self, device_type: str, statistics: bool = True) -> str:
+        """statistics: whether the pass observes per-layer statistics (eval and gradients do not)."""
         where = {"device": f"on the {device_type}", "host": "in host RAM", "disk": "offloaded to disk"}
-        statistics = "one layer at a time" if self.per_layer_statistics else "a group of layers at a time"
-        return f"micro-batch {self.micro_batch}, activations {where[self.activations]}, statistics {statistics}"
+        text = f"micro-batch {self.micro_batch}, activations {where[self.activations]}"
+        if statistics:
+            text += ", statistics " + ("one layer at a time" if self.per_layer_statistics else "a group of layers at a time")
+        return text
 
 
 @dataclass
@@ -252,8 +291,11 @@ class Planner:
 
     def _needs(self, linear: LinearShape) -> LayerNeeds:
         method, dtype = self.workload.method, self.shapes.dtype
-        if method is None:
+        if method is None or (self.workload.structured and linear.name not in self.shapes.consumers):
             return LayerNeeds(linear, 0, LayerCost(working_bytes=0))
+        if self.workload.structured:  # its statistic; cutting a block is planned as a whole (the prune phase)
+            layer = nn.Linear(linear.columns, linear.rows, bias=False, device="meta", dtype=dtype)
+            return LayerNeeds(linear, method.statistic(layer).nbytes, LayerCost(working_bytes=0))
         statistic = self._meta_statistic(linear, dtype)
         cost = method.layer_cost(linear.rows, linear.columns, dtype, self.workload.target)
         size = statistic.nbytes if statistic is not None else 0
@@ -269,11 +311,16 @@ class Planner:
 
     def _statistic_dtype(self) -> torch.dtype | None:
         method = self.workload.method
-        if method is None:
+        if method is None or self.workload.structured:
             return None
         statistic = self._meta_statistic(self.shapes.linears[0], None)
         tensors = [v for v in vars(statistic).values() if isinstance(v, torch.Tensor)] if statistic else []
         return tensors[0].dtype if tensors else None
+
+    @property
+    def observes(self) -> bool:
+        """Whether the pass observes statistics of the layers' inputs."""
+        return any(layer.statistic for layer in self.layers.values())
 
     # ------------------------------------------------------------------ memory
     def activation_buffer_bytes(self) -> int:
@@ -310,24 +357,79 @@ class Planner:
         pipeline = {"block read ahead": s.block_stored_bytes} if self.prefetch and s.blocks > 1 else {}
         masks = {"block call masks": choice.micro_batch * w.seqlen * w.seqlen * 4}
         block = {"block": s.block_bytes, **masks}
+        transients = {"forward transients": self.forward_transient(choice.micro_batch)}
         result = [
             phase("embed", {"pre-block stage": s.pre_stage_bytes, "embedded micro-batch": 3 * tokens * s.hidden
                             * s.dtype.itemsize}),
             phase("read", dict(block), {"block as stored": staging, **pipeline}),
         ]
-        if w.method is not None:
+        writes = w.command == "compress"
+        if w.structured:  # statistics pass, then the pruning pass: a block and its cut copy, no activations
+            result.append(phase("observe", {**block, **transients,
+                                            "channel statistics": sum(n.statistic for n in self.layers.values())},
+                                pipeline))
+            result.append(phase("prune", {"block": s.block_bytes, "cut block": s.block_bytes},
+                                {"block copy to write": staging, **pipeline}))
+        elif w.method is not None:
             observe, compress = self._statistics_peaks(choice, tokens)
             results = {KEPT_RESULTS: sum(layer.cost.kept_bytes for layer in self.block_layers())}
             result.append(phase("observe", {**block, **observe}, pipeline))
-            result.append(phase("compress", {**block, **compress}, pipeline))
-            result.append(phase("write", {**block, **results}, {"block copy to write": staging, **pipeline}))
-        writing = {"block being written": staging} if w.method is not None else {}
-        result.append(phase("propagate", {**block, "forward transients": self.forward_transient(choice.micro_batch)},
-                            {**writing, **pipeline}))
+            result.append(phase("compress" if writes else "score", {**block, **compress}, pipeline))
+            if w.reconstructs:
+                result.append(phase("reconstruct", {**block, **results, **self._training_parts(choice)}, pipeline))
+            if writes:
+                result.append(phase("write", {**block, **results}, {"block copy to write": staging, **pipeline}))
+        writing = {"block being written": staging} if writes and not w.structured else {}
+        result.append(phase("propagate", {**block, **transients}, {**writing, **pipeline}))
+        if w.command == "gradients":
+            return result + self._gradient_phases(choice, phase, block)
         logits = tokens * s.vocab * (s.dtype.itemsize + 4 + 4)  # logits, in float32, log-softmax
         head = phase("eval head", {"final stage": s.head_bytes, "logits of a micro-batch": logits})
-        head.required = w.method is None
+        head.required = w.command == "eval"
         return result + [head]
+
+    def _training_parts(self, choice: Choice) -> dict[str, int]:
+        """What --reconstruct's training holds besides the block (methods/reconstruct.py): the float32 trainable
+        copies with their gradients and AdamW's two moments; for a weight update, every weight rebuilt from its
+        frozen weight and the low-rank factors (autograd keeps the rebuilt weight and its zero mask per layer, and
+        the largest layer's float32 rebuild is alive while it is made); the forward's saved activations; one
+        micro-batch of inputs and targets."""
+        s, settings = self.shapes, self.workload.reconstruction
+        linears = s.linears
+        trainable = 0
+        if "biases" in settings.subsets:
+            trainable += sum(linear.rows for linear in linears)
+        if "norms" in settings.subsets:
+            trainable += 2 * s.hidden * 4  # a few norms of weights and biases, hidden-sized
+        parts = {}
+        if settings.weight_update is not None:
+            trainable += settings.rank * sum(linear.rows + linear.columns for linear in linears)
+            largest = max(linear.rows * linear.columns for linear in linears)
+            parts["weights rebuilt for autograd"] = (s.linear_parameters * (1 + s.dtype.itemsize) + 5 * 4 * largest)
+        parts["trainable copies, gradients, AdamW moments"] = 4 * 4 * trainable
+        parts["saved activations"] = AUTOGRAD_FORWARD_COPIES * self.forward_transient(choice.micro_batch)
+        parts["micro-batch and its targets"] = 2 * choice.micro_batch * self.workload.seqlen * s.hidden * 4
+        return parts
+
+    def _gradient_phases(
+        self, choice: Choice, phase: Callable[..., PhaseMemory], block: dict[str, int]
+    ) -> list[PhaseMemory]:
+        """The gradient pass after its forward (streamer/commands/gradients.py): the loss at the head, a few
+        positions at a time; then each block's backward over one micro-batch, with its squared-gradient sums (float32,
+        one per weight) and one window's weight gradient of the layer being accumulated. Blocks are loaded one at a time (no read-ahead)."""
+        s, w = self.shapes, self.workload
+        tokens = choice.micro_batch * w.seqlen
+        hidden_batch = tokens * s.hidden * (s.dtype.itemsize + 2 * 4)  # inputs, their gradient and the output's
+        head_logits = choice.micro_batch * GRADIENT_HEAD_POSITIONS * s.vocab * 3 * 4  # logits, softmax, gradient
+        largest = max(linear.rows * linear.columns for linear in s.linears)
+        return [
+            phase("head", {"final stage": s.head_bytes, "logits of a few positions": head_logits,
+                           "hidden states and gradients": hidden_batch}),
+            phase("backward", {**block, "squared-gradient sums": 4 * s.linear_parameters,
+                               "one window's weight gradient": 4 * largest,
+                               "saved activations": AUTOGRAD_FORWARD_COPIES * self.forward_transient(choice.micro_batch),
+                               "hidden states and gradients": hidden_batch}),
+        ]
 
     def block_layers(self) -> list[LayerNeeds]:
         return [self.layers[name] for group in self.shapes.groups for name in group]
@@ -393,7 +495,12 @@ class Planner:
             statistics = [per_layer_statistics]
         else:
             statistics = [False, True] if sum(1 for n in self.layers.values() if n.statistic) > 1 else [False]
-        places = [activations] if activations else [p for p in ACTIVATION_PLACES if self.on_gpu or p != "device"]
+        if w.command == "gradients":  # every block's inputs are kept for the backward walk: always on disk
+            places = ["disk"]
+        elif activations:
+            places = [activations]
+        else:
+            places = [p for p in ACTIVATION_PLACES if self.on_gpu or p != "device"]
         if micro_batch is not None:
             sizes = [micro_batch]
         else:
@@ -578,19 +685,28 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
     tokens = w.nsamples * w.seqlen
     forward = tokens * (2.0 * s.linear_parameters + 4.0 * w.seqlen * s.hidden)
     seconds = forward / speed.matmul  # propagate
-    if w.method is not None:
+    passes = 2 if w.structured else 1  # flap reads and writes every block in its pruning pass too
+    if w.command == "gradients":  # the forward again with autograd, its backward (twice its work), and every
+        # window's weight gradient of every layer (a forward's work), in float32
+        seconds += 3 * forward / speed.matmul + forward / speed.matmul32
+    elif w.structured:
+        seconds += forward / speed.matmul  # the statistics pass observes the whole block
+    elif w.method is not None:
         seconds += forward * _observed_fraction(planner, choice) / speed.matmul
+        if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work
+            seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / speed.matmul
         for layer in planner.layers.values():
             cost = layer.cost
             seconds += (tokens * cost.update_flops_per_token + cost.matmul_flops) / speed.matmul32
             seconds += cost.factor_flops / speed.factor
             seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
     buffer = planner.activation_buffer_bytes()
+    writes = w.command == "compress"
     return Estimate(
-        read=s.block_stored_bytes / speed.read,
+        read=passes * s.block_stored_bytes / speed.read,
         compute=seconds,
-        write=s.block_stored_bytes / speed.write if w.method is not None else 0.0,
-        persist=buffer / speed.write if w.method is not None else 0.0,
+        write=s.block_stored_bytes / speed.write if writes else 0.0,
+        persist=buffer / speed.write if w.command != "eval" else 0.0,
         embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / speed.matmul,
         blocks=s.blocks,
         prefetch=planner.prefetch,
@@ -638,29 +754,37 @@ class Plan:
         pools = f"host peak {gib(self.host_peak)}"
         if self.planner.on_gpu:
             pools = f"device peak {gib(self.device_peak)}, " + pools
-        return f"{self.choice.describe(self.planner.device_type)}; predicted {pools}"
+        return f"{self.choice.describe(self.planner.device_type, self.planner.observes)}; predicted {pools}"
 
     def describe(self) -> str:
         p, s, w = self.planner, self.planner.shapes, self.planner.workload
-        method = w.method.name if w.method is not None else "forward only"
-        target = f"{w.target.pattern[0]}:{w.target.pattern[1]}" if w.target.pattern else f"{w.target.sparsity:.0%}"
+        what = [w.method.name if w.method is not None else "forward only"]
+        if w.method is not None and not w.structured:
+            what.append(f"{w.target.pattern[0]}:{w.target.pattern[1]}" if w.target.pattern
+                        else f"{w.target.sparsity:.0%}")
+            if w.target.quant is not None:
+                what.append(f"{w.target.quant.bits}-bit" + (f" g{w.target.quant.groupsize}"
+                                                            if w.target.quant.groupsize else ""))
+        if w.reconstructs:
+            what.append(f"+ reconstruct {','.join(w.reconstruction.subsets)}")
         budget = f"host {gib(p.budget.host)}"
         if p.on_gpu:
             budget = f"device {gib(p.budget.device)} ({gib(p.usable_device)} planned, {DEVICE_MARGIN:.0%} kept for "\
                      f"the allocator), " + budget
         buffer = p.activation_buffer_bytes()
         largest = max(p.layers.values(), key=lambda n: n.statistic + n.cost.working_bytes)
+        data = "evaluation windows" if w.command == "eval" else "calibration"
         lines = [
-            f"plan: {s.family}, {s.blocks} blocks, {method} {target}, {w.nsamples} x {w.seqlen} calibration, "
+            f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}, "
             f"on {p.device_type} in {str(s.dtype).removeprefix('torch.')}; {budget}",
-            f"settings that fit: {self.choice.describe(p.device_type)}"
+            f"settings that fit: {self.choice.describe(p.device_type, p.observes)}"
             + (f"; statistics and solves in {str(p.statistic_dtype).removeprefix('torch.')}"
                if p.statistic_dtype else ""),
             f"sizes: largest block {gib(s.block_bytes)} ({gib(s.block_stored_bytes)} stored), activation buffers "
-            f"2 x {gib(buffer)}, largest layer {largest.linear.name} ({largest.linear.rows} x "
-            f"{largest.linear.columns}): statistic {gib(largest.statistic)}, method working memory "
-            f"{gib(largest.cost.working_bytes)}" + ("; prefetch: one block read ahead"
-                                                     if p.prefetch else "; no prefetch"),
+            f"2 x {gib(buffer)}" + (f", largest layer {largest.linear.name} ({largest.linear.rows} x "
+                                    f"{largest.linear.columns}): statistic {gib(largest.statistic)}, method working "
+                                    f"memory {gib(largest.cost.working_bytes)}" if p.observes else "")
+            + ("; prefetch: one block read ahead" if p.prefetch else "; no prefetch"),
             f"{'phase':10s} {'device peak':>12s} {'host peak':>10s}   largest parts",
         ]
         for phase in self.phases:

@@ -17,6 +17,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -86,6 +87,13 @@ def encode_header(specs: list[TensorSpec]) -> bytes:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
+    """A safetensors file of `tensors` as its header, then each tensor's own bytes (the data are not copied)."""
+    yield encode_header([TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()])
+    for tensor in tensors.values():
+        yield tensor_bytes(tensor)
 
 
 class ShardWriter:

@@ -22,6 +22,7 @@ import streamer.commands.harness as harness  # noqa: E402
 from methods import Target  # noqa: E402
 from streamer.checkpoint import Checkpoint  # noqa: E402
 from streamer.commands.harness import LayerpressLM, distinct_inputs, stream_and_score, task_manager  # noqa: E402
+from streamer.commands.planning import PlanChoices  # noqa: E402
 from streamer.data import load_tokenizer  # noqa: E402
 from streamer.errors import LayerpressError  # noqa: E402
 from streamer.journal import WORK_DIR, read_journal  # noqa: E402
@@ -126,23 +127,25 @@ def test_requests_sharing_an_input_run_it_once_and_score_from_it(tiny_checkpoint
     assert_same_scores(scores, whole_model_scores(model, inputs, continuations))
 
 
-def test_the_plan_offloads_activations_that_do_not_fit_in_ram(tiny_checkpoints, tmp_path, monkeypatch):
+def test_the_plan_offloads_activations_that_do_not_fit_in_ram(tiny_checkpoints, tmp_path):
     model = tiny_checkpoints["llama"]
     inputs = [[(7 * row + column) % 300 + 3 for column in range(6 + row % 5)] for row in range(40)]
     continuations = [tokens[-2:] for tokens in inputs]  # each input predicts its own last tokens
     readers = distinct_inputs(inputs)
-    monkeypatch.setattr(harness, "process_baseline", lambda device_type: 0)  # the plan, independent of this process
     staged = StagedModel(Checkpoint(model), torch.device("cpu"))
-    peaks = {offload: plan_run(staged, Workload(None, Target(), len(readers), 10), "cpu", Budget(2**40, 2**40), 0,
-                               micro_batch=4, offload=offload).host_peak for offload in (False, True)}
+    peaks = {offload: plan_run(staged, Workload(None, Target(), len(readers), 10, command="eval"), "cpu",
+                               Budget(2**40, 2**40), 1, micro_batch=4, offload=offload).host_peak
+             for offload in (False, True)}
     tight = (peaks[False] + peaks[True]) // 2  # the activations in RAM do not fit, on disk they do
-    lm = LayerpressLM(model, StreamOptions(micro_batch=4), tmp_path / "work", budget=Budget(tight, tight))
+    planning = PlanChoices(budget=Budget(tight, tight), process_bytes=1, micro_batch=4)
+    lm = LayerpressLM(model, work=tmp_path / "work", planning=planning)
     options = lm._planned(readers, tmp_path / "work" / "pass")
     assert options.offload_dir == tmp_path / "work" / "pass" / WORK_DIR / "activations"
     assert_same_scores(stream_and_score(lm.staged, readers, continuations, options),
                        whole_model_scores(model, inputs, continuations))
+    refused = PlanChoices(budget=Budget(1000, 1000), process_bytes=1, micro_batch=4)
     with pytest.raises(LayerpressError, match="cannot fit"):
-        LayerpressLM(model, StreamOptions(micro_batch=4), budget=Budget(1000, 1000))._planned(readers, tmp_path)
+        LayerpressLM(model, planning=refused)._planned(readers, tmp_path / "elsewhere")
 
 
 def test_lm_evals_own_entry_finds_the_registered_model(tiny_checkpoints, tmp_path):

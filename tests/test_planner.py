@@ -181,7 +181,7 @@ def test_plan_chosen_settings_give_the_bytes_of_the_same_settings_given_explicit
     with caplog.at_level(logging.INFO, logger="layerpress"):  # planned for this process size, as the test's plan
         compress(dataclasses.replace(main.compress_settings(main.build_parser().parse_args(argv)),
                                      process_bytes=PROCESS))
-    assert "plan: micro-batch 1, activations offloaded to disk, statistics one layer at a time" in caplog.text
+    assert "plan of compress: micro-batch 1, activations offloaded to disk, statistics one layer at a time" in caplog.text
     assert (tmp_path / "planned" / ".layerpress" / "activations").is_dir()
     explicit = ["--micro-batch", "1", "--offload-activations", str(tmp_path / "acts"), "--statistics-per-layer"]
     assert main.main(compress_argv(model, tmp_path / "explicit", calib_text, *explicit)) == 0

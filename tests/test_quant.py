@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from methods import METHODS, LayerResult, QuantSpec, Target
 from methods.quant import BITS, round_to_nearest
 from methods.statistics import Gram
+import streamer.formats
 from streamer.formats import FORMATS, LayerPlan, pack_bits, unpack_bits
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
@@ -57,6 +58,15 @@ def test_bit_packing_round_trips_and_matches_compressed_tensors(bits):
         assert torch.equal(unpack_bits(packed, bits, columns), ints)
         signed = (ints.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)  # compressed-tensors' integers
         assert torch.equal(packed, pack_to_int32(signed, bits)), f"{bits} bits, {columns} columns"
+
+
+def test_packing_a_layer_in_row_chunks_gives_the_same_words(monkeypatch):
+    """The int64 working copies are bounded by PACK_CHUNK_VALUES, not by the layer: same words either way."""
+    ints = torch.randint(0, 16, (37, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = pack_bits(ints, 4)
+    monkeypatch.setattr(streamer.formats, "PACK_CHUNK_VALUES", 300)  # three rows at a time, the last chunk short
+    assert torch.equal(pack_bits(ints, 4), whole)
+    assert torch.equal(unpack_bits(whole, 4, 100), ints)
 
 
 @pytest.mark.parametrize("fmt", ["packed", "sparse"])

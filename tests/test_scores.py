@@ -101,8 +101,8 @@ def test_one_shot_saliency_ranks_masks_like_the_measured_error():
 def test_outliers_are_counted_against_the_mean_of_the_whole_block():
     scores = {"a": torch.tensor([[1.0, 1.0, 1.0, 9.0]]), "b": torch.tensor([[1.0, 1.0, 1.0, 1.0]])}
     # the block mean is 16 / 8 = 2: only 9 exceeds 2 * 2 = 4; against b's own mean (1), none of b's would either
-    assert outlier_counts(scores, threshold=2.0) == {"a": 1, "b": 0}
-    assert outlier_counts(scores, threshold=5.0) == {"a": 0, "b": 0}
+    assert outlier_counts(scores.__getitem__, scores, threshold=2.0) == {"a": 1, "b": 0}
+    assert outlier_counts(scores.__getitem__, scores, threshold=5.0) == {"a": 0, "b": 0}
 
 
 def run_scores(model, out, calib, *extra: str) -> dict:
@@ -223,3 +223,11 @@ def test_scores_of_another_model_are_refused(tiny_checkpoints, tmp_path, calib_t
             str(calib_text), "--device", "cpu", "--sparsity", "0.7", "--allocation", "score", "--scores", str(scores)]
     assert main.main(argv) == 1
     assert "do not cover this model" in capsys.readouterr().err
+
+
+def test_scores_observed_one_layer_at_a_time_equal_a_whole_blocks(tiny_checkpoints, tmp_path, calib_text):
+    """--statistics-per-layer holds one Gram instead of the block's; pruned inputs still come after every layer."""
+    model = tiny_checkpoints["opt"]
+    together = run_scores(model, tmp_path / "together", calib_text, "--inputs", "pruned")
+    alone = run_scores(model, tmp_path / "alone", calib_text, "--inputs", "pruned", "--statistics-per-layer")
+    assert alone["layers"] == together["layers"]

@@ -3,6 +3,7 @@
     python tools/bench_fullwidth.py make opt --hidden 9216 --ffn 36864 --out runs/fullwidth/opt-66b-1block
     python tools/bench_fullwidth.py make bloom --hidden 14336 --blocks 70 --shape-only --out runs/fullwidth/bloom-176b
     python tools/bench_fullwidth.py run runs/fullwidth/opt-66b-1block --nsamples 8 --seqlen 256 --dtype bfloat16
+    python tools/bench_fullwidth.py passes runs/fullwidth/opt-66b-1block --dtype bfloat16 [--only scores eval]
 
 `make` saves a random-weight float16 checkpoint with transformers (sharded, a small BPE vocabulary trained on the
 bundled text), or with --shape-only only its config and shard headers over sparse files: enough for `plan`, which
@@ -12,7 +13,9 @@ reads nothing else, for models too large to create (OPT-175B, BLOOM-176B).
 killed if the machine's available memory falls under 3 GiB (the machine is shared), after checking that the
 predicted peak is available. It reports the peak RSS of that process (wait4) against the peak the run's own plan
 predicted (logged by compress), the wall time, the seconds of each phase (from the run's journal), and the plan's
-time estimate for the same run on this machine; results go to OUT/fullwidth.json.
+time estimate for the same run on this machine; results go to OUT/fullwidth.json. `passes` runs every pass that
+issue 15 asks to fit (compress with each method and format, reconstruction, flap, scores, gradients, eval) the same
+way, each against the plan it logs itself; results go to OUT/passes.json.
 
 The whole model on a GPU, from a shape-only checkpoint and a file of throughput figures for that GPU (measured there
 with `main.py plan --save-speed FILE`, or assumed, as tools/speeds/a100-80gb-assumed.json is and says):
@@ -136,6 +139,50 @@ def run(model: Path, out: Path, nsamples: int, seqlen: int, dtype: str | None, e
     return record
 
 
+# Every pass issue 15 asks to fit, as the command line of one run. Reconstruction trains 4 steps (its peak is the
+# same at any number); wanda-reconstruct prunes with wanda before it, so a measurement need not wait for a sweep.
+PASSES = {
+    "sparsegpt": ["compress", "--method", "sparsegpt", "--sparsity", "0.5"],
+    "wanda": ["compress", "--method", "wanda", "--sparsity", "0.5"],
+    "gptq-w4-g128-act-order": ["compress", "--method", "gptq", "--wbits", "4", "--groupsize", "128", "--act-order"],
+    "sparsegpt-w4-packed": ["compress", "--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4",
+                            "--format", "packed"],
+    "sparsegpt-reconstruct": ["compress", "--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct",
+                              "biases,norms,masklora", "--recon-steps", "4"],
+    "wanda-reconstruct": ["compress", "--method", "wanda", "--sparsity", "0.5", "--reconstruct",
+                          "biases,norms,masklora", "--recon-steps", "4"],
+    "flap": ["compress", "--method", "flap", "--ratio", "0.2"],
+    "scores": ["scores", "--sparsity", "0.7"],
+    "gradients": ["gradients"],
+    "eval": ["eval"],
+}
+
+
+def run_passes(model: Path, out: Path, nsamples: int, seqlen: int, dtype: str | None, only: list[str]) -> dict:
+    """Each pass in its own process at lower priority: the peak its own plan predicted (its log's plan line)
+    against the peak RSS it reached."""
+    results = {}
+    for name in only or PASSES:
+        command, *options = PASSES[name]
+        calibration = ["--windows", str(nsamples)] if command == "eval" else ["--nsamples", str(nsamples)]
+        outputs = [] if command == "eval" else ["--out", str(out / f"{model.name}-{name}"),
+                                                "--restart"]
+        argv = [command, "--model", str(model), *calibration, "--seqlen", str(seqlen), "--device", "cpu",
+                *(["--dtype", dtype] if dtype else []), *options, *outputs]
+        result = run_measured(argv, niceness=10, min_available=MIN_AVAILABLE)
+        predicted, measured = predicted_peak(result["output"]), result["peak_rss_mib"] * 2**20
+        results[name] = {
+            "command": "python main.py " + " ".join(argv),
+            "predicted_peak_gib": predicted / GiB,
+            "measured_peak_rss_gib": measured / GiB,
+            "prediction_error": (predicted - measured) / measured,
+            "wall_seconds": result["seconds"],
+        }
+        print(f"{name:24s} planned {predicted / GiB:7.2f} GiB  measured {measured / GiB:7.2f} GiB  "
+              f"({(predicted - measured) / measured:+.1%})  {result['seconds']:.0f} s", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,7 +201,22 @@ def main() -> None:
     running.add_argument("--dtype", default=None, help="compute dtype (float16 matmuls crawl on most CPUs)")
     running.add_argument("--out", type=Path, default=ROOT / "runs" / "fullwidth")
     running.add_argument("extra", nargs="*", help="more compress options, after --")
+    passes = commands.add_parser("passes", help="every pass of issue 15 on one checkpoint, measured against its plan")
+    passes.add_argument("model", type=Path)
+    passes.add_argument("--nsamples", type=int, default=8)
+    passes.add_argument("--seqlen", type=int, default=256)
+    passes.add_argument("--dtype", default=None)
+    passes.add_argument("--only", nargs="*", choices=sorted(PASSES), default=[], help="these passes (default: all)")
+    passes.add_argument("--out", type=Path, default=ROOT / "runs" / "fullwidth")
     args = parser.parse_args()
+    if args.command == "passes":
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = run_passes(args.model, args.out, args.nsamples, args.seqlen, args.dtype, args.only)
+        results_file = args.out / "passes.json"
+        previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        previous.setdefault(args.model.name, {}).update(results)
+        results_file.write_text(json.dumps(previous, indent=2))
+        return
     if args.command == "make":
         make(args.family, args.hidden, args.ffn, args.blocks, args.out, args.shape_only, args.vocab)
         return

@@ -77,7 +77,7 @@ def _enter(niceness: int, cgroup: Path | None) -> None:
 
 def predicted_peak(output: str) -> int:
     """The host peak, in bytes, that a compress run's own plan predicted (the plan line of its log)."""
-    match = re.search(r"plan: .*predicted host peak ([0-9.]+) (GiB|MiB)", output)
+    match = re.search(r"plan of \w+: .*predicted host peak ([0-9.]+) (GiB|MiB)", output)
     if not match:
         sys.exit("the compress log has no plan line")
     return int(float(match.group(1)) * (2**30 if match.group(2) == "GiB" else 2**20))

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import torch
 
 from methods import LayerResult, Method, StructuredMethod, Target
@@ -33,16 +32,17 @@ from ..decoded import DecodedCheckpoint
 from ..errors import LayerpressError
 from ..formats import FORMATS, Format, LayerPlan
 from ..gradient_norms import GradientNorms
-from ..journal import WORK_DIR, Run, read_journal
+from ..journal import Run
 from ..model import StagedModel
 from ..output import (
     check_plans, encoded_block_state, finish_output, layer_plans, model_output, output_config, output_specs,
     reconstruction_summary, write_block,
 )
-from ..planner import Budget, Plan, Workload, plan_run, process_baseline
+from ..planner import Budget, Plan, Workload
 from ..stream import BlockContext, Calibrated, StreamOptions, open_calibrated, remove_offloaded_activations, \
     stream_blocks
 from .lifecycle import RunRequest
+from .planning import PlanChoices, plan_pass, planned_stream
 from .structured import compress_structured
 
 log = logging.getLogger("layerpress")
@@ -95,6 +95,10 @@ class CompressSettings:
             **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
         }
 
+    @property
+    def plan_choices(self) -> PlanChoices:
+        return PlanChoices(self.budget, self.process_bytes, self.micro_batch, self.statistics_per_layer)
+
     def quantization_record(self) -> dict[str, Any] | None:
         """The grid of every layer; with a bits policy, bits null (each layer's are in `layer_bits`)."""
         if self.target.quant is None:
@@ -116,7 +120,7 @@ def compress(settings: CompressSettings) -> Path:
     )
     staged = calibrated.staged
     if structured:
-        stream = settings.stream
+        stream = planned_stream(settings.stream, plan_compress(settings, staged, calibrated.seqlen), settings.out)
         record = settings.record(calibrated.calibration.record, staged.dtype, stream)
 
         def work(run: Run) -> None:
@@ -126,7 +130,7 @@ def compress(settings: CompressSettings) -> Path:
     else:
         check_reconstruction(settings, staged)
         plan = plan_compress(settings, staged, calibrated.seqlen)
-        stream = planned_stream(settings, plan)
+        stream = planned_stream(settings.stream, plan, settings.out)
         record = settings.record(calibrated.calibration.record, staged.dtype, stream)
         target_for = layer_targets(settings, staged, record)
         fmt = FORMATS[settings.format]
@@ -194,39 +198,12 @@ def check_reconstruction(settings: CompressSettings, staged: StagedModel) -> Non
 
 # ---------------------------------------------------------------------- the plan and the per-layer targets
 def plan_compress(settings: CompressSettings, staged: StagedModel, seqlen: int) -> Plan:
-    """The memory plan of this run (explicit settings win; a resumed run keeps the micro-batch it started with,
-    which is part of its recorded settings); refuses (LayerpressError) a run that cannot fit."""
-    device = settings.stream.device
-    plan = plan_run(
-        staged, Workload(settings.method, settings.target, settings.calibration.nsamples, seqlen), device.type,
-        settings.budget or Budget.of_machine(device), settings.process_bytes or process_baseline(device.type),
-        true_sequential=settings.true_sequential, prefetch=settings.stream.prefetch,
-        micro_batch=settings.micro_batch or _recorded_micro_batch(settings),
-        offload=settings.stream.offload_dir is not None, per_layer_statistics=settings.statistics_per_layer,
-    )
-    log.info("plan: %s", plan.summary())
-    available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
-    if plan.host_peak > available:
-        log.warning("the plan needs %.1f GiB of host memory, but only %.1f GiB is free now: the run may be killed",
-                    plan.host_peak / 2**30, available / 2**30)
-    return plan
-
-
-def planned_stream(settings: CompressSettings, plan: Plan) -> StreamOptions:
-    """The stream options the run uses: the user's, with the plan's micro-batch and activation place."""
-    choice, offload_dir = plan.choice, settings.stream.offload_dir
-    if offload_dir is None and choice.activations == "disk":
-        offload_dir = settings.out / WORK_DIR / "activations"
-    return replace(settings.stream, micro_batch=choice.micro_batch, offload_dir=offload_dir,
-                   activations_on_device=choice.activations == "device", planned_device_peak=plan.device_peak)
-
-
-def _recorded_micro_batch(settings: CompressSettings) -> int | None:
-    """The micro-batch of the partial run in `settings.out` that this run resumes, if any."""
-    if settings.restart or not (settings.out / WORK_DIR).is_dir():
-        return None
-    body = read_journal(settings.out)
-    return body["settings"].get("micro_batch") if body is not None else None
+    """The memory plan of this run (explicit settings win; a resumed run keeps its micro-batch); refuses
+    (LayerpressError) a run that cannot fit."""
+    workload = Workload(settings.method, settings.target, settings.calibration.nsamples, seqlen,
+                        reconstruction=settings.reconstruction)
+    return plan_pass(staged, workload, settings.stream, settings.plan_choices, settings.out, settings.restart,
+                     settings.true_sequential)
 
 
 def layer_targets(settings: CompressSettings, staged: StagedModel, record: dict[str, Any]) -> Callable[[str], Target]:

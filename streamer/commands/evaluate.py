@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import torch
+
+from methods import Target
 
 from ..data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
 from ..decoded import open_checkpoint
 from ..model import StagedModel
+from ..planner import Workload
 from ..stream import StreamOptions, stream_blocks
+from .planning import PlanChoices, plan_pass, planned_stream
 
 log = logging.getLogger("layerpress")
 
@@ -27,13 +34,29 @@ def perplexity(
     windows: int | None = None,
     dtype: torch.dtype | None = None,
     options: StreamOptions | None = None,
+    planning: PlanChoices | None = None,
 ) -> dict[str, float | int]:
-    """{"ppl": ..., "windows": ..., "tokens": ...} of the model in `model` on the text `data`."""
+    """{"ppl": ..., "windows": ..., "tokens": ...} of the model in `model` on the text `data`.
+
+    planning: the memory plan's fixed settings and budget (None: options' micro-batch and activation place as
+    given, unplanned)."""
     options = options or StreamOptions()
     checkpoint = open_checkpoint(model)
     staged = StagedModel(checkpoint, options.device, dtype)
     seqlen = capped_seqlen(seqlen, checkpoint.config)
     ids = evaluation_windows(tokenize(load_tokenizer(model), load_text(data)), seqlen, windows)
+    with ExitStack() as cleanup:
+        if planning is not None:
+            plan = plan_pass(staged, Workload(None, Target(), len(ids), seqlen, command="eval"), options, planning)
+            if plan.choice.activations == "disk" and options.offload_dir is None:  # no output directory to use
+                scratch = cleanup.enter_context(TemporaryDirectory(prefix="layerpress-eval-"))
+                options = replace(options, offload_dir=Path(scratch))
+            options = planned_stream(options, plan, out=None)
+        return _perplexity(model, staged, ids, options)
+
+
+def _perplexity(model: Path, staged: StagedModel, ids: torch.Tensor, options: StreamOptions) -> dict[str, float | int]:
+    seqlen = ids.shape[1]
     acts = stream_blocks(staged, ids, options, process=lambda context: {}, desc="eval")
     nll, count = 0.0, 0
     with staged.final_stage() as logits_of, torch.no_grad():

@@ -17,29 +17,32 @@ memory-mapped files, so host RAM holds one block, one micro-batch and the accumu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
+
+from methods import Target
 
 from ..activations import ActivationBuffer, micro_batches
 from ..data import Calibration, CalibrationOptions
 from ..errors import LayerpressError
-from ..files import atomic_write
+from ..files import atomic_write_parts
 from ..gradient_norms import COMMAND, gradients_file, weight_name
 from ..journal import Run
 from ..model import StagedModel
 from ..stream import BlockContext, StreamOptions, open_calibrated, stream_blocks
+from ..writer import safetensors_parts
+from ..planner import Workload
 from .lifecycle import RunRequest
+from .planning import PlanChoices, plan_pass
 
 log = logging.getLogger("layerpress")
 
@@ -53,8 +56,10 @@ class GradientSettings:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     dtype: torch.dtype | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    micro_batch: int = 1
+    micro_batch: int | None = None  # None: the largest the memory plan fits (`compute_gradients` fills it in)
     restart: bool = False
+    prefetch: bool = True
+    planning: PlanChoices = field(default_factory=PlanChoices)
 
     def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """Everything that changes the gradients: kept in the journal, so that a resumed run must match it."""
@@ -85,11 +90,13 @@ class SquaredGradients:
         output.register_hook(lambda grad: self._add(inputs, grad))
 
     def _add(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        per_window = torch.bmm(
-            grad.reshape(self.windows, -1, grad.shape[-1]).float().transpose(1, 2),
-            inputs.reshape(self.windows, -1, inputs.shape[-1]).float(),
-        )
-        self.sum += per_window.pow(2).sum(dim=0)
+        """One window at a time, squared in place into the sum: one rows × columns product exists, whatever the
+        micro-batch (a whole micro-batch's would be micro-batch × 3.3 GB for BLOOM-176B's dense_4h_to_h)."""
+        grads = grad.reshape(self.windows, -1, grad.shape[-1])
+        inputs = inputs.reshape(self.windows, -1, inputs.shape[-1])
+        for window in range(self.windows):
+            product = grads[window].float().T @ inputs[window].float()
+            self.sum.addcmul_(product, product)
 
     def remove(self) -> None:
         self._hook.remove()
@@ -172,7 +179,8 @@ class GradientPass:
                 context.acts.inputs.save(path)
             return {}
 
-        options = StreamOptions(self.device, self.settings.micro_batch, offload_dir=self.run.work / "stream")
+        options = StreamOptions(self.device, self.settings.micro_batch, offload_dir=self.run.work / "stream",
+                                prefetch=self.settings.prefetch)
         stream_blocks(self.staged, self.windows, options, keep_inputs, self.run, desc="gradients: forward")
 
     def head(self) -> None:
@@ -205,12 +213,12 @@ class GradientPass:
             slot = self.run.body["backward"]["gradient_slot"]  # holds the gradient of this block's outputs
             output_gradient = self.existing(self.gradient_path(slot), torch.float32)
             norms = self.backward_block(index, extras, output_gradient, self.gradient_path(1 - slot))
-            data = save_safetensors(norms)
-            atomic_write(gradients_file(self.settings.out, index), data)
+            digest = atomic_write_parts(gradients_file(self.settings.out, index), safetensors_parts(norms))
+            del norms
             self.run.record(
                 {
                     "backward": {"blocks_done": total - index, "gradient_slot": 1 - slot},
-                    "files": {str(index): hashlib.sha256(data).hexdigest()},
+                    "files": {str(index): digest},
                 },
                 {"block": index, "backward": time.perf_counter() - clock},
             )
@@ -243,8 +251,8 @@ class GradientPass:
         input_gradient.flush()
         self.staged.release_block(index)
         tokens = self.windows.shape[1] - 1  # predicted tokens per window: back from summed to mean token loss
-        return {
-            weight_name(self.staged, index, name): (accumulator.sum.sqrt() / tokens).cpu().contiguous()
+        return {  # in place: the norms are the sums' own memory
+            weight_name(self.staged, index, name): accumulator.sum.sqrt_().div_(tokens).cpu()
             for name, accumulator in accumulators.items()
         }
 
@@ -254,6 +262,11 @@ def compute_gradients(settings: GradientSettings) -> Path:
     request = RunRequest(COMMAND, settings.out, settings.model, settings.restart)
     calibrated = open_calibrated(settings.model, settings.calibration, settings.device, settings.dtype)
     staged = calibrated.staged
+    workload = Workload(None, Target(), settings.calibration.nsamples, calibrated.seqlen, command=COMMAND)
+    stream = StreamOptions(settings.device, prefetch=settings.prefetch)
+    choices = replace(settings.planning, micro_batch=settings.micro_batch)
+    plan = plan_pass(staged, workload, stream, choices, settings.out, settings.restart)
+    settings = replace(settings, micro_batch=plan.choice.micro_batch)
     request.execute(
         settings.record(calibrated.calibration.record, staged.dtype), calibrated.fingerprints, staged.num_blocks,
         lambda run: GradientPass(settings, staged, calibrated.calibration, run).run_all(),

@@ -42,11 +42,12 @@ from ..checkpoint import Checkpoint
 from ..data import load_tokenizer
 from ..decoded import open_checkpoint
 from ..errors import LayerpressError
-from ..journal import WORK_DIR, Run, read_journal
+from ..journal import Run, read_journal
 from ..model import StagedModel
-from ..planner import Budget, Workload, plan_run, process_baseline
+from ..planner import Workload
 from ..stream import StreamOptions, remove_offloaded_activations, stream_blocks
 from .lifecycle import RunRequest
+from .planning import PlanChoices, plan_pass, planned_stream
 
 log = logging.getLogger("layerpress")
 
@@ -67,15 +68,15 @@ class LayerpressLM(TemplateLM):
         dtype: torch.dtype | None = None,
         max_length: int | None = None,
         restart: bool = False,
-        budget: Budget | None = None,
+        planning: PlanChoices | None = None,
     ):
         """work: where the passes' journals and activations go (None: a temporary directory, not resumable);
-        restart: redo the passes found there instead of resuming them; budget: the memory each pass's plan may use
-        (None: the machine's totals)."""
+        restart: redo the passes found there instead of resuming them; planning: what the user fixed of each
+        pass's memory plan (None: the options' micro-batch, the machine's memory)."""
         super().__init__()
         self.model_dir, self.restart = Path(model), restart
         self.options = options or StreamOptions()
-        self.budget = budget or Budget.of_machine(self.options.device)
+        self.planning = planning or PlanChoices(micro_batch=self.options.micro_batch)
         self.checkpoint = open_checkpoint(self.model_dir)
         self.staged = StagedModel(self.checkpoint, self.options.device, dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -93,19 +94,19 @@ class LayerpressLM(TemplateLM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> "LayerpressLM":
         """From lm-eval's `--model_args pretrained=DIR[,work=DIR,dtype=float32,max_length=N,offload=DIR]` and its
-        --device and --batch_size (requests per block forward; "auto" means 1)."""
+        --device and --batch_size (requests per block forward; "auto": the largest the memory plan fits)."""
         args = {**arg_dict, **{key: value for key, value in (additional_config or {}).items() if value is not None}}
         if "pretrained" not in args:
             raise LayerpressError("--model layerpress needs --model_args pretrained=DIR")
-        batch = str(args.get("batch_size", 1))
+        batch = str(args.get("batch_size", "auto"))
         options = StreamOptions(
             device=torch.device(str(args.get("device") or "cpu")),
-            micro_batch=int(batch) if batch.isdigit() else 1,
             offload_dir=Path(str(args["offload"])) if args.get("offload") else None,
         )
         dtype = getattr(torch, str(args["dtype"])) if args.get("dtype") else None
         return cls(Path(str(args["pretrained"])), options, Path(str(args["work"])) if args.get("work") else None,
-                   dtype, int(args["max_length"]) if args.get("max_length") else None)
+                   dtype, int(args["max_length"]) if args.get("max_length") else None,
+                   planning=PlanChoices(micro_batch=int(batch) if batch.isdigit() else None))
 
     # ---------------------------------------------------------------- what lm-eval asks of a model
     @property
@@ -169,13 +170,13 @@ class LayerpressLM(TemplateLM):
                                       for _, context, continuation in requests))
         digest = hashlib.sha256(json.dumps([inputs, continuations]).encode()).hexdigest()
         out = self.work / f"{kind}-{digest[:16]}"
-        settings = {"kind": kind, "requests": len(requests), "digest": digest, "dtype": str(self.staged.dtype),
-                    "max_length": self.max_length}
         readers = distinct_inputs(inputs)
+        options = self._planned(readers, out)  # a resumed pass keeps its micro-batch: the same rounding
+        settings = {"kind": kind, "requests": len(requests), "digest": digest, "dtype": str(self.staged.dtype),
+                    "max_length": self.max_length, "micro_batch": options.micro_batch}
 
         def work(run: Run) -> None:
             clock = time.perf_counter()
-            options = self._planned(readers, out)
             scores = stream_and_score(self.staged, readers, list(continuations), options, run)
             remove_offloaded_activations(options)
             run.finish({"seconds": time.perf_counter() - clock, "scores": scores})  # `status` reads the seconds
@@ -185,20 +186,14 @@ class LayerpressLM(TemplateLM):
         return [(float(logprob), bool(greedy)) for logprob, greedy in read_journal(out)["summary"]["scores"]]
 
     def _planned(self, readers: Readers, out: Path) -> StreamOptions:
-        """The pass's stream options from its memory plan (a forward-only pass over its distinct inputs, at the
-        given micro-batch): activations on the device or in RAM when they fit, else in files in the pass's work
-        directory (--offload-activations puts them there in any case); a pass that cannot fit is refused."""
-        options = self.options
-        plan = plan_run(
-            self.staged, Workload(None, Target(), len(readers), max(map(len, readers))), options.device.type,
-            self.budget, process_baseline(options.device.type), prefetch=options.prefetch,
-            micro_batch=options.micro_batch, offload=options.offload_dir is not None,
-        )
-        log.info("plan: %s", plan.summary())
-        offload_dir = options.offload_dir / out.name if options.offload_dir is not None else \
-            out / WORK_DIR / "activations" if plan.choice.activations == "disk" else None
-        return replace(options, offload_dir=offload_dir, activations_on_device=plan.choice.activations == "device",
-                       planned_device_peak=plan.device_peak)
+        """The pass's stream options from its memory plan, made as every command makes it (a forward-only pass
+        over the distinct inputs): its micro-batch unless fixed; activations on the device or in RAM when they fit,
+        else in files in the pass's work directory (--offload-activations puts them there in any case)."""
+        workload = Workload(None, Target(), len(readers), max(map(len, readers)), command="eval")
+        options = self.options if self.options.offload_dir is None else \
+            replace(self.options, offload_dir=self.options.offload_dir / out.name)
+        return planned_stream(options, plan_pass(self.staged, workload, options, self.planning, out, self.restart),
+                              out)
 
     def _model_input(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
         """The tokens the model reads (context + continuation less its last, left-truncated to max_length, as
@@ -275,7 +270,7 @@ def evaluate_tasks(
     model: Path, tasks: list[str], work: Path | None = None, options: StreamOptions | None = None,
     dtype: torch.dtype | None = None, limit: int | None = None, num_fewshot: int | None = None,
     include_path: Path | None = None, bootstrap_iters: int = 100_000, max_length: int | None = None,
-    restart: bool = False,
+    restart: bool = False, planning: PlanChoices | None = None,
 ) -> dict[str, Any]:
     """lm-eval's results of `tasks` on the streamed model (its simple_evaluate's dict, samples included), with our
     model record under "layerpress". Generation tasks are refused before any work."""
@@ -287,7 +282,7 @@ def evaluate_tasks(
                         if task.OUTPUT_TYPE == "generate_until")
     if generating:
         raise LayerpressError(generation_refused(generating))
-    lm = LayerpressLM(model, options, work, dtype, max_length, restart)
+    lm = LayerpressLM(model, options, work, dtype, max_length, restart, planning)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                               bootstrap_iters=bootstrap_iters, log_samples=True)
     results["layerpress"] = model_record(model)

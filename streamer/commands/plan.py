@@ -1,16 +1,15 @@
-"""`plan`: will a compress run fit, with which settings, and how long will it take; nothing is read but headers."""
+"""`plan COMMAND`: will a compress, scores, gradients or eval run fit, with which settings, and how long will it
+take; nothing is read but headers (and, for eval without --windows, the evaluation text, to count its windows)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from methods import Method, Target
-
 from ..checkpoint import Checkpoint
-from ..data import capped_seqlen
+from ..data import capped_seqlen, evaluation_windows, load_text, load_tokenizer, tokenize
 from ..model import StagedModel
 from ..planner import Budget, Plan, Speed, Workload, plan_run, probe_speed, process_baseline
 
@@ -18,9 +17,7 @@ from ..planner import Budget, Plan, Speed, Workload, plan_run, probe_speed, proc
 @dataclass
 class PlanSettings:
     model: Path
-    method: Method
-    target: Target
-    nsamples: int
+    workload: Workload  # its seqlen as given; capped at the model's positions here
     seqlen: int
     device: torch.device
     budget: Budget
@@ -32,14 +29,20 @@ class PlanSettings:
     statistics_per_layer: bool = False
     speed: Path | None = None  # throughput measured elsewhere, instead of probing this machine
     save_speed: Path | None = None
+    evaluation: tuple[str, int | None] | None = None  # eval: its text and --windows, to count the windows
 
 
 def plan(settings: PlanSettings) -> Plan:
-    """The plan compress would make, with a time estimate where the device's throughput is known."""
+    """The plan the command would make, with a time estimate where the device's throughput is known."""
     checkpoint = Checkpoint(settings.model)
     staged = StagedModel(checkpoint, torch.device("cpu"), settings.dtype)
-    workload = Workload(settings.method, settings.target, settings.nsamples,
-                        capped_seqlen(settings.seqlen, checkpoint.config))
+    seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
+    workload = replace(settings.workload, seqlen=seqlen)
+    if settings.evaluation is not None:  # --windows bounds the count; without it, the text's windows are counted
+        data, windows = settings.evaluation
+        if windows is None:
+            windows = len(evaluation_windows(tokenize(load_tokenizer(settings.model), load_text(data)), seqlen))
+        workload = replace(workload, nsamples=windows)
     device_type = settings.device.type
     result = plan_run(
         staged, workload, device_type, settings.budget, process_baseline(device_type),

@@ -21,22 +21,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from methods.scores import Scorer
+from methods import Target
+from methods.scores import LayerScore, Scorer
+from methods.statistics import Gram
 
 from ..allocation import SCORES_FILE
-from ..block import observe
+from ..block import forward_until_observed, observe
 from ..data import CalibrationOptions
 from ..errors import LayerpressError
 from ..files import atomic_write
 from ..journal import Run
+from ..planner import Workload
 from ..stream import BlockContext, StreamOptions, open_calibrated, remove_offloaded_activations, stream_blocks
 from .lifecycle import RunRequest
+from .planning import PlanChoices, plan_pass, planned_stream
 
 log = logging.getLogger("layerpress")
 
@@ -52,25 +56,34 @@ class ScoreSettings:
     inputs: str = "dense"
     dtype: torch.dtype | None = None
     restart: bool = False
-    stream: StreamOptions = field(default_factory=StreamOptions)
+    stream: StreamOptions = field(default_factory=StreamOptions)  # as given; the plan fills in what is left open
+    planning: PlanChoices = field(default_factory=PlanChoices)
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
             raise LayerpressError(f"--inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
         if self.inputs == "pruned" and len(self.scorer.sparsities) != 1:
             raise LayerpressError("--inputs pruned prunes at the probe sparsity: give exactly one --sparsity")
+        self.scorer = replace(self.scorer, keep_pruned=self.inputs == "pruned")
 
-    def record(self, calibration: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    def workload(self, seqlen: int) -> Workload:
+        """The score pass as the memory planner sees it: a compress run that writes nothing."""
+        return Workload(self.scorer, Target(sparsity=max(self.scorer.sparsities)), self.calibration.nsamples, seqlen,
+                        command="scores")
+
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions) -> dict[str, Any]:
         """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
         return {
             "sparsities": list(self.scorer.sparsities),
             "inputs": self.inputs,
             "scorer": {"damping": self.scorer.damping, "blocksize": self.scorer.blocksize,
-                       "outlier_threshold": self.scorer.outlier_threshold, "cca_noise": self.scorer.cca_noise},
+                       "outlier_threshold": self.scorer.outlier_threshold, "cca_noise": self.scorer.cca_noise,
+                       # a float32 Gram leaves the record as it was before --gram-dtype reached scores
+                       **({} if self.scorer.gram_dtype == "float32" else {"gram_dtype": self.scorer.gram_dtype})},
             "calibration": calibration,
             "dtype": str(dtype).removeprefix("torch."),
-            "device": self.stream.device.type,
-            "micro_batch": self.stream.micro_batch,
+            "device": stream.device.type,
+            "micro_batch": stream.micro_batch,
         }
 
 
@@ -79,38 +92,66 @@ def score(settings: ScoreSettings) -> Path:
     request = RunRequest("scores", settings.out, settings.model, settings.restart)
     calibrated = open_calibrated(settings.model, settings.calibration, settings.stream.device, settings.dtype)
     staged = calibrated.staged
-    record = settings.record(calibrated.calibration.record, staged.dtype)
+    plan = plan_pass(staged, settings.workload(calibrated.seqlen), settings.stream, settings.planning, settings.out,
+                     settings.restart)
+    stream = planned_stream(settings.stream, plan, settings.out)
+    record = settings.record(calibrated.calibration.record, staged.dtype, stream)
+    per_layer = plan.choice.per_layer_statistics
 
     def work(run: Run) -> None:
         started = time.perf_counter()
 
         def process(context: BlockContext) -> dict[str, Any]:
-            return {"layers": score_block(context, settings.scorer, prune=settings.inputs == "pruned")}
+            return {"layers": score_block(context, settings.scorer, per_layer)}
 
-        stream_blocks(staged, calibrated.windows, settings.stream, process, run, desc="scores")
+        stream_blocks(staged, calibrated.windows, stream, process, run, desc="scores")
         document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
         atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
         run.finish({"seconds": time.perf_counter() - started})
-        remove_offloaded_activations(settings.stream)
+        remove_offloaded_activations(stream)
         log.info("wrote %s", settings.out / SCORES_FILE)
 
     request.execute(record, calibrated.fingerprints, staged.num_blocks, work)
     return settings.out / SCORES_FILE
 
 
-def score_block(context: BlockContext, scorer: Scorer, prune: bool) -> dict[str, dict[str, Any]]:
-    """Observe the block's layers on its inputs and score them; with `prune`, leave them pruned at the probe."""
+def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: bool) -> dict[str, dict[str, Any]]:
+    """Observe the block's layers on its inputs and score them; with the scorer's keep_pruned, leave them pruned at
+    the probe once all are scored.
+
+    per_layer_statistics: observe and score one layer at a time (one Gram in memory instead of the block's); the
+    weights change only after every layer is scored, so each layer sees the same inputs either way."""
     linears = context.linears
-    grams = {name: scorer.statistic(layer) for name, layer in linears.items()}
-    with context.phase("observe"):
-        observe(linears, grams, context.forward)
-    try:
-        with context.phase("score"):
-            scores = scorer.score_block(linears, grams, keep_pruned=prune)
-    except ValueError as exc:
-        raise LayerpressError(f"scoring block {context.index} failed: {exc}") from exc
+    scores: dict[str, LayerScore] = {}
+    diagonals: dict[str, torch.Tensor] = {}  # diag H of each layer, for its Wanda scores
+
+    def score(name: str, gram: Gram) -> None:
+        context.phase.layer = context.layer_name(name)  # named if the device runs out of memory
+        try:
+            with context.phase("score"):
+                scores[name] = scorer.score(linears[name], gram)
+        except ValueError as exc:
+            raise LayerpressError(f"scoring {context.layer_name(name)} failed: {exc}") from exc
+        context.phase.layer = None
+        diagonals[name] = gram.gram.diagonal() * gram.scale  # a vector: never the whole H
+
+    if per_layer_statistics:
+        for name, layer in linears.items():
+            gram = scorer.statistic(layer)
+            with context.phase("observe"):
+                observe(linears, {name: gram}, forward_until_observed(context), stop_early=True)
+            score(name, gram)
+            del gram
+    else:
+        grams = {name: scorer.statistic(layer) for name, layer in linears.items()}
+        with context.phase("observe"):
+            observe(linears, grams, context.forward)
+        for name in linears:  # each Gram is dropped once its layer is scored
+            score(name, grams.pop(name))
+    outliers = scorer.outliers(linears, diagonals)
     records = {}
     for name, result in scores.items():
+        result.outliers = outliers[name]
         if result.pruned is not None:
             linears[name].weight.data.copy_(result.pruned)
         records[context.layer_name(name)] = {"block": context.index, "linear": name, **result.record()}
