@@ -49,6 +49,7 @@ examples:
   python main.py gradients --model IN --out GRAD
   python main.py compress --model IN --out OUT --method gblm --gradients GRAD --alpha 100
   python main.py eval --model OUT --windows 32 --seqlen 512
+  python main.py eval --model OUT --tasks arc_easy,piqa --output results.json
   python main.py status OUT
 """
 
@@ -289,6 +290,28 @@ def add_eval_arguments(parser: argparse.ArgumentParser, planning: bool = False) 
     add_planning(parser)
 
 
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """eval --tasks: lm-evaluation-harness tasks instead of perplexity."""
+    tasks = parser.add_argument_group("lm-evaluation-harness tasks")
+    tasks.add_argument("--tasks", default=None, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
+    tasks.add_argument("--limit", type=int, default=None, help="the first N documents of each task only")
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: "
+                       "the task's)")
+    tasks.add_argument("--include-path", type=Path, default=None, metavar="DIR",
+                       help="a directory of task YAMLs (lm-eval's --include_path)")
+    tasks.add_argument("--output", type=Path, default=None, help="write lm-eval's results JSON here")
+    tasks.add_argument("--work", type=Path, default=None, metavar="DIR",
+                       help="journals and activations of the resumable passes (default: OUTPUT.work beside "
+                       "--output; without --output a temporary directory: not resumable)")
+    tasks.add_argument("--log-samples", action="store_true", help="keep every request and its answer in --output")
+    tasks.add_argument("--bootstrap-iters", type=int, default=100_000,
+                       help="bootstrap iterations of the stderr of non-mean metrics (lm-eval's default)")
+    tasks.add_argument("--max-length", type=int, default=None,
+                       help="tokens a request may have, longer ones lose their first tokens (default: as lm-eval's "
+                       "HF backend: the config's maximum positions, else the tokenizer's, else 2048)")
+    tasks.add_argument("--restart", action="store_true", help="redo the passes in --work instead of resuming them")
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=Path, default=None, metavar="FILE",
                         help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
@@ -347,11 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_gradients_arguments(gradients)
 
     evaluate = commands.add_parser(
-        "eval", help="WikiText-2 perplexity, streamed block by block",
+        "eval", help="WikiText-2 perplexity, or lm-evaluation-harness tasks (--tasks), streamed block by block",
         description="Perplexity = exp(mean token NLL) over non-overlapping windows of the text. The last line "
-        'of the output is JSON: {"ppl": ..., "windows": ..., "tokens": ...}.',
+        'of the output is JSON: {"ppl": ..., "windows": ..., "tokens": ...}. With --tasks: lm-eval\'s '
+        "log-likelihood tasks (multiple choice, loglikelihood, loglikelihood_rolling), all requests streamed through "
+        "block 1, block 2, ...; lm-eval computes the metrics. Needs the eval extra (pip install 'layerpress[eval]'). "
+        "A killed task evaluation resumes when the same command is run again.",
     )
     add_eval_arguments(evaluate)
+    add_task_arguments(evaluate)
 
     decompress = commands.add_parser(
         "decompress", help="turn a packed or sparse output back into dense safetensors",
@@ -408,7 +435,7 @@ def make_target(args: argparse.Namespace) -> Target:
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    for option in ("seqlen", "micro_batch", "nsamples", "windows"):
+    for option in ("seqlen", "micro_batch", "nsamples", "windows", "limit", "max_length"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise LayerpressError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
@@ -570,11 +597,33 @@ def run_gradients(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.tasks is not None:
+        run_tasks(args)
+        return
     from streamer.commands.evaluate import perplexity
 
     result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args),
                         plan_choices(args))
     print(json.dumps(result))
+
+
+def run_tasks(args: argparse.Namespace) -> None:
+    """eval --tasks: lm-eval's tasks on the streamed model; its results table on stdout, its JSON in --output."""
+    try:
+        from streamer.commands.harness import evaluate_tasks, write_results
+    except ModuleNotFoundError as exc:
+        raise LayerpressError(f"eval --tasks needs lm-eval ({exc}): pip install 'layerpress[eval]'") from exc
+    from lm_eval.utils import make_table
+
+    work = args.work or (args.output.with_name(args.output.name + ".work") if args.output else None)
+    results = evaluate_tasks(
+        args.model, [task for task in args.tasks.split(",") if task], work, stream_options(args), compute_dtype(args),
+        args.limit, args.num_fewshot, args.include_path, args.bootstrap_iters,
+        args.max_length, args.restart, plan_choices(args),
+    )
+    if args.output:
+        write_results(results, args.output, samples=args.log_samples)
+    print(make_table(results))
 
 
 def run_status(args: argparse.Namespace) -> None:

@@ -105,20 +105,28 @@ class Activations:
         micro_batch: int = 1,
         offload_dir: Path | None = None,
         device: torch.device | None = None,
+        lengths: list[int] | None = None,
     ):
-        """device: keep both buffers there (when they fit beside the block); None: host RAM or `offload_dir`."""
+        """device: keep both buffers there (when they fit beside the block); None: host RAM or `offload_dir`.
+        lengths: the tokens each window really holds, longest first (right-padded requests of different lengths:
+        a micro-batch runs on its longest window's tokens only); None: every window holds `seqlen`."""
         shape = (windows, seqlen, hidden)
         paths = [None, None] if offload_dir is None else [offload_dir / f"activations-{i}.bin" for i in (0, 1)]
         self.inputs = ActivationBuffer(shape, dtype, paths[0], device)
         self.outputs = ActivationBuffer(shape, dtype, paths[1], device)
         self.micro_batch = max(1, micro_batch)
-        self.windows = windows
+        self.windows, self.seqlen, self.lengths = windows, seqlen, lengths
 
     def batches(self) -> list[slice]:
         return micro_batches(self.windows, self.micro_batch)
 
-    def batch_sizes(self) -> set[int]:
-        return {batch.stop - batch.start for batch in self.batches()}
+    def length(self, batch: slice) -> int:
+        """Tokens a micro-batch runs on: its longest window's (the columns past it are padding nobody reads)."""
+        return self.seqlen if self.lengths is None else max(self.lengths[batch])
+
+    def batch_shapes(self) -> set[tuple[int, int]]:
+        """The (windows, tokens) shapes of the micro-batches, each needing its own block extras (masks)."""
+        return {(batch.stop - batch.start, self.length(batch)) for batch in self.batches()}
 
     def run(
         self,
@@ -131,9 +139,10 @@ class Activations:
         Buffers on `device` are used in place: no copy leaves the device."""
         with torch.no_grad():
             for batch in self.batches():
-                result = step(self.inputs.data[batch].to(device))
+                tokens = slice(0, self.length(batch))
+                result = step(self.inputs.data[batch, tokens].to(device))
                 if keep_outputs:
-                    self.outputs.data[batch] = result.to(self.outputs.dtype)
+                    self.outputs.data[batch, tokens] = result.to(self.outputs.dtype)
 
     def swap(self) -> None:
         """The outputs of this block become the inputs of the next."""

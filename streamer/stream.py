@@ -120,14 +120,14 @@ class BlockContext:
     block: nn.Module
     staged: StagedModel
     acts: Activations
-    extras: dict[int, list[BlockExtras]]  # batch size -> each block's call extras
+    extras: dict[tuple[int, int], list[BlockExtras]]  # by micro-batch shape (windows, tokens): each block's
     device: torch.device
     phase: Phases
     propagated: bool = False  # the block's final outputs are stored already: the loop need not run it again
 
     def call(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's outputs for one micro-batch of hidden states on the device (autograd as the caller sets it)."""
-        return self.staged.call_block(self.block, hidden, self.extras[hidden.shape[0]][self.index])
+        return self.staged.call_block(self.block, hidden, self.extras[tuple(hidden.shape[:2])][self.index])
 
     def forward(self, keep_outputs: bool = False) -> None:
         """Run every window through the block (keep_outputs: store the results in acts.outputs, which are the next
@@ -156,6 +156,7 @@ def stream_blocks(
     run: Run | None = None,
     desc: str = "blocks",
     settle: Callable[[BlockContext], dict[str, Any]] | None = None,
+    lengths: list[int] | None = None,
 ) -> Activations:
     """Pass `windows` through every block, calling `process` on each block before propagating through it.
 
@@ -164,20 +165,22 @@ def stream_blocks(
     keeps the dense block's outputs there as reconstruction targets). Work `process` leaves running in the background
     (writing the block) overlaps propagation; `settle`, called after propagation and before the journal records the
     block, waits for it to be durable and returns more to record. Returns the activations, whose inputs are then the
-    last block's outputs.
+    last block's outputs. `lengths`: the tokens of each right-padded window, longest first (see Activations);
+    causal attention keeps the padding out of every real token's states.
     """
     acts = Activations(
         len(windows), windows.shape[1], staged.config.hidden_size, staged.dtype, options.micro_batch,
-        options.offload_dir, options.device if options.activations_on_device else None,
+        options.offload_dir, options.device if options.activations_on_device else None, lengths,
     )
     start = run.blocks_done if run is not None else 0
     with staged.pre_stage() as embedder:
-        extras = {size: embedder.extras(size, windows.shape[1]) for size in acts.batch_sizes()}
+        extras = {shape: embedder.extras(*shape) for shape in acts.batch_shapes()}
         if run is not None and run.inputs_file is not None:
             acts.inputs.load(run.inputs_file)
         else:
             for batch in acts.batches():
-                acts.inputs.data[batch] = embedder.embed(windows[batch])
+                tokens = slice(0, acts.length(batch))
+                acts.inputs.data[batch, tokens] = embedder.embed(windows[batch, tokens])
     log.info(
         "%d windows of %d tokens ready; starting at block %d of %d%s", len(windows), windows.shape[1], start + 1,
         staged.num_blocks, " (resumed)" if start else "",
