@@ -5,8 +5,8 @@
     python tools/bench_stream.py offload  [--out runs/bench]   # peak RSS and time with/without --offload-activations
     python tools/bench_stream.py resume   [--out runs/bench]   # seconds from restart to the next block
 
-Every run is a separate `python main.py ...` process, measured from outside: peak RSS from wait4's rusage of
-that process alone, wall time, bytes read and written from the run's journal, per-block phase times from its log.
+Every run is a separate `python main.py ...` process, measured from outside: its own peak RSS (VmHWM at exit), wall
+time, bytes read and written from the run's journal, per-block phase times from its log.
 Results go to OUT/<benchmark>.json and a table is printed.
 """
 
@@ -30,11 +30,27 @@ PROTOCOL_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--seed", "0"]
 PROTOCOL_EVALUATION = ["--seqlen", "512", "--windows", "32"]
 
 
+# Runs SCRIPT as __main__ and, at exit, prints the peak RSS of this process image (VmHWM). wait4's ru_maxrss is not
+# that: Linux carries the forking parent's RSS into it (the child's memory before exec counts), so a child of a
+# 0.7 GiB pytest process "peaked" at 0.7 GiB whatever it did.
+PEAK_LINE = "layerpress-bench peak RSS KiB: "
+LAUNCHER = (
+    "import atexit, re, runpy, sys\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    f"    print('{PEAK_LINE}' + re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr, flush=True)\n"
+    "atexit.register(peak)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
 def run_measured(
     argv: list[str], niceness: int = 0, min_available: int | None = None, script: str = "main.py",
     cgroup: Path | None = None,
 ) -> dict:
-    """Run `python SCRIPT ARGV`: wall seconds, peak RSS of exactly that child (os.wait4 on its pid), output.
+    """Run `python SCRIPT ARGV`: wall seconds, peak RSS of exactly that child (its own VmHWM at exit, see LAUNCHER),
+    output.
 
     niceness: run it at that lower priority; min_available: kill it if the machine's available memory drops
     below this many bytes (the machine is shared), and fail saying so; cgroup: start it inside this (v1) cgroup.
@@ -43,12 +59,12 @@ def run_measured(
 
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: _enter(niceness, cgroup),
+        [sys.executable, "-c", LAUNCHER, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: _enter(niceness, cgroup),
     )
     starved, finished = threading.Event(), threading.Event()
 
-    def watch() -> None:  # never reaps the child: os.wait4 below must get its rusage
+    def watch() -> None:  # never reaps the child: os.wait4 below gets its exit status
         while not finished.wait(0.5):
             if psutil.virtual_memory().available < min_available:
                 starved.set()
@@ -58,13 +74,16 @@ def run_measured(
     if min_available is not None:
         threading.Thread(target=watch, daemon=True).start()
     output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _ = os.wait4(process.pid, 0)
     finished.set()
     if starved.is_set():
         sys.exit(f"aborted: available memory fell under {min_available / 2**30:.1f} GiB: {script} {' '.join(argv)}")
     if status:
         sys.exit(f"failed: {script} {' '.join(argv)}\n{output[-3000:]}")
-    return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024, "output": output}
+    peaks = re.findall(re.escape(PEAK_LINE) + r"(\d+)", output)
+    if not peaks:
+        sys.exit(f"no peak RSS line from {script} {' '.join(argv)}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mib": int(peaks[-1]) / 1024, "output": output}
 
 
 def _enter(niceness: int, cgroup: Path | None) -> None:
