@@ -18,7 +18,7 @@ from torch import nn
 from .base import LayerCost, LayerResult, Method, Statistic, Target
 from .hessian import dead_inputs, inverse_cholesky
 from .masks import check_pattern, lowest_overall, n_of_m
-from .quant import QuantRecord, QuantSpec, contiguous_groups, fit, fit_groups, grid_levels
+from .quant import GRID_CHUNK_BYTES, QuantRecord, QuantSpec, contiguous_groups, fit, fit_groups, grid_levels
 from .statistics import GRAM_DTYPES, Gram, check_gram_dtype
 
 
@@ -246,14 +246,16 @@ class HessianSweep(Method):
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
         product (up to the weight's size), or at the end the result in `dtype`; with act-order, the Gram permuted for
-        the factorization (one more columns² float32); the column loop launches a few
+        the factorization (one more columns² float32); a grid's weight is read back a chunk of rows at a time
+        (`read_grid`); the column loop launches a few
         kernels per column (`kernels_per_column`) on a rows × blocksize tile. A quantization grid adds a byte per
         weight. The mask (and the grid integers) are kept with the result. The statistic's update is the Gram's."""
         weight = rows * columns
         kept = weight + (QuantRecord.nbytes_for(rows, columns, target.quant, dtype) if target.quant else 0)
         permuted = 4 * columns * columns if target.quant is not None and target.quant.act_order else 0
+        dequantized = GRID_CHUNK_BYTES if target.quant is not None else 0  # the grid's weight, a chunk at a time
         return LayerCost(
-            working_bytes=4 * columns * columns + permuted
+            working_bytes=4 * columns * columns + permuted + dequantized
             + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
             kept_bytes=kept,
             factored=columns,

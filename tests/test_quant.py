@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from methods import METHODS, LayerResult, QuantSpec, Target
 from methods.quant import BITS, round_to_nearest
 from methods.statistics import Gram
+import methods.quant
 import streamer.formats
 from streamer.formats import FORMATS, LayerPlan, pack_bits, unpack_bits
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
@@ -58,6 +59,18 @@ def test_bit_packing_round_trips_and_matches_compressed_tensors(bits):
         assert torch.equal(unpack_bits(packed, bits, columns), ints)
         signed = (ints.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)  # compressed-tensors' integers
         assert torch.equal(packed, pack_to_int32(signed, bits)), f"{bits} bits, {columns} columns"
+
+
+def test_reading_a_grid_in_row_chunks_gives_the_same_weight(monkeypatch):
+    """read_grid's float32 steps are bounded by GRID_CHUNK_VALUES, not by the layer: the weight is the same."""
+    generator = torch.Generator().manual_seed(0)
+    ints = torch.randint(0, 16, (37, 96), dtype=torch.uint8, generator=generator)
+    scale = torch.rand(37, 3, generator=generator).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (37, 3), dtype=torch.uint8, generator=generator)
+    g_idx = torch.randperm(96, generator=generator) % 3
+    whole = ((ints.float() - zero[:, g_idx].float()) * scale[:, g_idx].float()).to(torch.bfloat16)
+    monkeypatch.setattr(methods.quant, "GRID_CHUNK_VALUES", 200)  # two rows at a time, the last chunk short
+    assert torch.equal(methods.quant.read_grid(ints, scale, zero, g_idx), whole)
 
 
 def test_packing_a_layer_in_row_chunks_gives_the_same_words(monkeypatch):
