@@ -9,7 +9,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 # Before torch starts CUDA: blocks of different sizes come and go, and expandable segments let the caching
 # allocator reuse freed memory across them instead of fragmenting it. A user's own setting wins.
@@ -89,9 +88,10 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return COMPUTE_DTYPES[args.dtype] if args.dtype else None
 
 
-def add_common(parser: argparse.ArgumentParser, device: Callable[[str], torch.device] = parse_device,
-               offload: bool = True) -> None:
-    """Options of every planned command: the model, the windows, where and how blocks run."""
+def add_common(parser: argparse.ArgumentParser, planning: bool = False, offload: bool = True) -> None:
+    """Options of every planned command: the model, the windows, where and how blocks run (planning: for `plan`,
+    whose --device may name a GPU this machine lacks)."""
+    device = torch.device if planning else parse_device
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--seqlen", type=int, default=2048,
@@ -232,8 +232,7 @@ PLANNED_COMMANDS = ("compress", "scores", "gradients", "eval")
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
-    device = torch.device if planning else parse_device  # a plan may be for a GPU this machine lacks
-    add_common(parser, device=device)
+    add_common(parser, planning)
     parser.add_argument("--out", type=Path, required=not planning, help="output directory (new, or a partial run's)")
     add_method(parser)
     add_calibration(parser)
@@ -255,7 +254,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser, planning: bool = Fal
 
 
 def add_scores_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
-    add_common(parser, device=torch.device if planning else parse_device)
+    add_common(parser, planning)
     parser.add_argument("--out", type=Path, required=not planning, help="output directory (new, or a partial run's)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
                         help="probe sparsities of the estimates, one or several (default: 0.5)")
@@ -274,7 +273,7 @@ def add_scores_arguments(parser: argparse.ArgumentParser, planning: bool = False
 
 
 def add_gradients_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
-    add_common(parser, device=torch.device if planning else parse_device, offload=False)
+    add_common(parser, planning, offload=False)
     parser.add_argument("--out", type=Path, required=not planning,
                         help="gradients directory (new, or a partial run's)")
     add_calibration(parser)
@@ -283,7 +282,7 @@ def add_gradients_arguments(parser: argparse.ArgumentParser, planning: bool = Fa
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, planning: bool = False) -> None:
-    add_common(parser, device=torch.device if planning else parse_device)
+    add_common(parser, planning)
     parser.add_argument("--data", default=str(DEFAULT_EVALUATION),
                         help="evaluation text (default: the bundled WikiText-2 test text)")
     parser.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
