@@ -10,7 +10,7 @@ from torch import nn
 
 from methods import METHODS, Target
 from methods.hessian import NonInvertibleHessian, inverse_cholesky
-from methods.masks import lowest_in_rows, lowest_overall, n_of_m
+from methods.masks import lowest_by_threshold, lowest_in_rows, lowest_overall, n_of_m
 from methods.statistics import ColumnNorms, Gram
 
 
@@ -64,6 +64,31 @@ def test_masks_prune_the_lowest_scores():
     assert lowest_in_rows(scores, 1).tolist() == [[False, True, False, False], [False, True, False, False]]
     assert lowest_overall(scores, 3).tolist() == [[False, False, False, False], [True, True, False, True]]
     assert n_of_m(scores, 2, 4).tolist() == [[False, True, False, True], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("count", [0, 1, 999, 2000, 3700])
+def test_threshold_selection_is_the_top_k_of_a_large_matrix(count):
+    """Without ties the chunked radix select marks exactly top-k's set, chunks cut anywhere, negatives included."""
+    scores = torch.randn(37, 100, generator=torch.Generator().manual_seed(count)) * 3
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[torch.topk(scores.flatten(), count, largest=False).indices] = True
+    for chunk in (7, 128, scores.numel()):
+        assert torch.equal(lowest_by_threshold(scores, count, chunk), expected.view_as(scores))
+
+
+def test_threshold_selection_breaks_ties_by_position():
+    scores = torch.tensor([[2.0, 1.0, 2.0, 0.0], [2.0, 3.0, 1.0, 2.0]])
+    assert lowest_by_threshold(scores, 5, chunk=3).tolist() == [[True, True, True, True], [False, False, True, False]]
+
+
+def test_a_whole_matrix_above_the_top_k_limit_is_selected_by_threshold(monkeypatch):
+    import methods.masks as masks
+
+    scores = torch.rand(64, 64, generator=torch.Generator().manual_seed(0))
+    expected = lowest_overall(scores, 2048)
+    monkeypatch.setattr(masks, "TOPK_VALUES", 1000)
+    monkeypatch.setattr(masks, "lowest_by_threshold", lambda s, c: expected.logical_not())  # shows which path ran
+    assert torch.equal(masks.lowest_overall(scores, 2048), expected.logical_not())
 
 
 def test_statistics_accumulate_over_micro_batches():
