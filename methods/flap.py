@@ -5,7 +5,10 @@ mean and variance taken over all calibration tokens of the dense model:
   WIFV  S_j = Var(x_j) · ‖W[:, j]‖²             how much the layer's output fluctuates through channel j (default)
   IFV   S_j = Var(x_j)
   WIFN  S_j = mean_i |W_ij| · √E[x_j²]           Wanda's |W|·‖x‖, averaged over the output rows
-Scores are standardized within each block and group, (S − mean) / std, so that attention and MLP, shallow and deep
+The attention output's channel scores are squared first (--attention-scores squared, the default), as the
+reference code does (lib/prune.py squares the o_proj metric, not the MLP's; the paper's equations do not), which
+stretches the heads' spread before they compete with the MLP channels. Scores are standardized within each block
+and group, (S − mean) / std, so that attention and MLP, shallow and deep
 layers compete on one scale; a unit's score is the mean over its channels (a key/value head with its query heads,
 or one MLP channel).
 Structure:
@@ -21,7 +24,7 @@ b += W[:, removed] · mean(x_removed), so the layer's mean output over the calib
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,6 +34,8 @@ from .statistics import Moments
 
 METRICS = ("WIFV", "IFV", "WIFN")
 STRUCTURES = ("AL-AM", "UL-UM")
+ATTENTION_SCORES = ("squared", "plain")
+ATTENTION = "attention"  # the adapters' name for the channel group of attention heads (streamer/adapters/)
 
 
 def fluctuation_scores(metric: str, weight: torch.Tensor, moments: Moments) -> torch.Tensor:
@@ -119,6 +124,7 @@ class Flap(StructuredMethod):
     structure: str = "AL-AM"
     metric: str = "WIFV"
     compensate: bool = True
+    attention_scores: str = "squared"
 
     name = "flap"
     summary = ("structured: remove whole attention heads and MLP channels by fluctuation scores, compensate with "
@@ -135,19 +141,23 @@ class Flap(StructuredMethod):
         parser.add_argument("--metric", choices=METRICS, default="WIFV",
                             help="flap: channel score: WIFV = Var(x)·‖W col‖², IFV = Var(x), WIFN = |W|·‖x‖ "
                             "(default: WIFV)")
+        parser.add_argument("--attention-scores", choices=ATTENTION_SCORES, default="squared",
+                            help="flap: square the attention heads' channel scores before standardizing, as the "
+                            "reference code does, or use them plain (default: squared)")
         parser.add_argument("--no-compensation", action="store_true",
                             help="flap: do not fold the removed channels' mean contribution into biases")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Flap":
         return cls(ratio=args.ratio, structure=args.structure, metric=args.metric,
-                   compensate=not args.no_compensation)
+                   compensate=not args.no_compensation, attention_scores=args.attention_scores)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"flap --ratio must be in [0, 1), got {self.ratio}")
-        if self.structure not in STRUCTURES or self.metric not in METRICS:
-            raise ValueError(f"flap: unknown structure {self.structure!r} or metric {self.metric!r}")
+        if self.structure not in STRUCTURES or self.metric not in METRICS or self.attention_scores not in ATTENTION_SCORES:
+            raise ValueError(f"flap: unknown structure {self.structure!r}, metric {self.metric!r} or attention "
+                             f"scores {self.attention_scores!r}")
 
     @property
     def adds_bias(self) -> bool:
@@ -162,6 +172,9 @@ class Flap(StructuredMethod):
         return ChannelSummary(scores, statistic.mean.clone())
 
     def select(self, groups: list[UnitGroup]) -> list[torch.Tensor]:
+        if self.attention_scores == "squared":
+            groups = [replace(group, scores=group.scores.double().pow(2)) if group.name == ATTENTION else group
+                      for group in groups]
         return (select_global if self.structure == "AL-AM" else select_uniform)(groups, self.ratio)
 
     def prune(

@@ -92,6 +92,20 @@ def test_search_refuses_a_ratio_that_leaves_less_than_one_unit_per_group():
         select_global(random_groups(2, seed=0), 0.99)
 
 
+@pytest.mark.parametrize("structure", ["AL-AM", "UL-UM"])
+def test_attention_scores_are_squared_before_standardizing_as_the_reference_does(structure):
+    """The reference's lib/prune.py squares the o_proj metric (attention heads), not the MLP's."""
+    groups = random_groups(3, seed=4)
+    squared = [UnitGroup(g.block, g.name, g.scores.double().pow(2) if g.name == "attention" else g.scores, g.units,
+                         g.cost) for g in groups]
+    search = select_global if structure == "AL-AM" else select_uniform
+    ours = Flap(ratio=0.4, structure=structure).select(groups)
+    assert all(torch.equal(a, b) for a, b in zip(ours, search(squared, 0.4)))
+    plain = Flap(ratio=0.4, structure=structure, attention_scores="plain").select(groups)
+    assert all(torch.equal(a, b) for a, b in zip(plain, search(groups, 0.4)))
+    assert any(not torch.equal(a, b) for a, b in zip(ours, plain)), "the seed must make the two differ"
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_compensation_keeps_the_mean_output_on_the_calibration_set(with_bias):
     torch.manual_seed(0)
@@ -129,7 +143,8 @@ def test_scores_follow_the_metric():
 # ---------------------------------------------------------------- tiny models, streamed
 
 STREAMED_CASES = [(family, ("--metric", "IFV")) for family in FAMILIES] + [
-    ("llama", ("--structure", "UL-UM", "--metric", "WIFN", "--no-compensation")),  # the Wanda-style baseline
+    ("llama", ("--structure", "UL-UM", "--metric", "WIFN", "--no-compensation", "--attention-scores", "plain")),
+    # the Wanda-style baseline
 ]
 
 
@@ -254,7 +269,7 @@ def test_flap_beats_the_wanda_style_structured_baseline_on_smollm2(smollm2, tmp_
     perplexity on the first 8 windows x 512 of WikiText-2 test (small, to keep CI short)."""
     pruned = {}
     for name, options in (("flap", ()), ("wanda-sp", ("--structure", "UL-UM", "--metric", "WIFN",
-                                                      "--no-compensation"))):
+                                                      "--no-compensation", "--attention-scores", "plain"))):
         out = tmp_path / name
         assert main.main(["-q", "compress", "--model", str(smollm2), "--out", str(out), "--method", "flap",
                           "--ratio", "0.2", *options, "--nsamples", "16", "--seqlen", "256", "--device", "cpu"]) == 0

@@ -3,14 +3,19 @@
 For each ratio, three ways of choosing what to remove, all with the project's quality protocol (calibration 32
 random windows x 512 tokens of WikiText-2 valid, seed 0; perplexity on the first 32 windows x 512 of WikiText-2
 test):
-    flap       AL-AM structure, WIFV metric, bias compensation (FLAP's recommended setting)
-    ul-um      UL-UM structure (every layer pruned alike), WIFV metric, bias compensation
-    wanda-sp   UL-UM structure, WIFN metric (Wanda's |W|·‖x‖), no compensation: a Wanda-style structured baseline
+    flap        AL-AM structure, WIFV metric, bias compensation (FLAP's recommended setting), the attention scores
+                squared before standardizing as the reference code squares them
+    flap-plain  the same with the attention scores plain (the paper's equations; layerpress before it followed
+                the reference)
+    ul-um       UL-UM structure (every layer pruned alike), WIFV metric, bias compensation
+    wanda-sp    UL-UM structure, WIFN metric (Wanda's |W|·‖x‖), no compensation, plain scores (the reference's
+                prune_wanda_sp squares nothing): a Wanda-style structured baseline
 Forward speed: one window of 512 tokens through the whole model (no cache) on one thread, dense and pruned runs
 interleaved so that both see the same machine load, repeated; wall-clock and CPU-time tokens/s (CPU time: what
 the forward itself consumed, little disturbed by other processes) with medians, extremes and paired speed-ups.
 
-    python tools/bench_flap.py [--ratios 0.2 0.3] [--workdir runs/bench-flap] [--repeats 10]
+    python tools/bench_flap.py [--ratios 0.2 0.3] [--configurations flap flap-plain] [--workdir runs/bench-flap]
+        [--repeats 10]
 
 Compress runs resume (and finished ones are skipped); finished measurements are kept in WORKDIR/results.json.
 """
@@ -35,8 +40,9 @@ from tools.smollm2_demo import CALIBRATION, PROTOCOL, cli, perplexity  # noqa: E
 
 CONFIGURATIONS = {
     "flap": ["--structure", "AL-AM", "--metric", "WIFV"],
+    "flap-plain": ["--structure", "AL-AM", "--metric", "WIFV", "--attention-scores", "plain"],
     "ul-um": ["--structure", "UL-UM", "--metric", "WIFV"],
-    "wanda-sp": ["--structure", "UL-UM", "--metric", "WIFN", "--no-compensation"],
+    "wanda-sp": ["--structure", "UL-UM", "--metric", "WIFN", "--no-compensation", "--attention-scores", "plain"],
 }
 
 

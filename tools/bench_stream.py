@@ -47,13 +47,14 @@ LAUNCHER = (
 
 def run_measured(
     argv: list[str], niceness: int = 0, min_available: int | None = None, script: str = "main.py",
-    cgroup: Path | None = None,
+    cgroup: Path | None = None, threads: int | None = None,
 ) -> dict:
     """Run `python SCRIPT ARGV`: wall seconds, peak RSS of exactly that child (its own VmHWM at exit, see LAUNCHER),
     output.
 
     niceness: run it at that lower priority; min_available: kill it if the machine's available memory drops
-    below this many bytes (the machine is shared), and fail saying so; cgroup: start it inside this (v1) cgroup.
+    below this many bytes (the machine is shared), and fail saying so; cgroup: start it inside this (v1) cgroup;
+    threads: the child's OMP_NUM_THREADS (torch's intra-op threads).
     """
     import psutil
 
@@ -61,6 +62,7 @@ def run_measured(
     process = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: _enter(niceness, cgroup),
+        env=None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
     starved, finished = threading.Event(), threading.Event()
 
