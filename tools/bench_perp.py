@@ -1,12 +1,20 @@
-"""PERP layer-wise reconstruction benchmark on SmolLM2: methods x sparsities x reconstruction subsets.
+"""PERP layer-wise reconstruction benchmark on SmolLM2: methods x targets x reconstruction subsets x settings.
 
-Each cell is one `main.py compress` (protocol calibration: 32 windows x 512 tokens of WikiText-2 valid, seed 0)
-and one `main.py eval` (first 32 windows x 512 of WikiText-2 test), run as the user would run them. Cells run in
-priority order, the paper's headline comparison first (magnitude + reconstruction against Wanda and SparseGPT
-without it, at 50%, 60% and 2:4), and are skipped when their result is already in WORKDIR/results.jsonl, so an
-interrupted benchmark resumes where it stopped. --table prints what is there as a Markdown table.
+PERP's claim (Zimmer et al., 2023) is that reconstructing a few parameters per block "significantly enhances"
+Wanda and SparseGPT. Each cell is one `main.py compress` (protocol calibration: 32 windows x 512 tokens of
+WikiText-2 valid, seed 0) and one `main.py eval` (first 32 windows x 512 of WikiText-2 test), run as the user would
+run them. Two sets of reconstruction hyperparameters (--profile):
+    ours   layerpress's defaults: 32 AdamW steps per block of one planned micro-batch each, lr 1e-2, rank 16,
+           alpha 16, float32
+    paper  the reference code's (ZIB-IOL/PERP prune_methods.py, main.py defaults): 20 steps of one window each
+           (batch size 1), lr 5e-4, 10% warm-up then linear decay, rank 16, alpha 32; it trains under fp16
+           autocast on a GPU, here in float32
+Cells run in priority order (60% first, both methods, every subset; then 50%, 2:4, 70%; magnitude last) and are
+skipped when their result is already in WORKDIR/results.jsonl, so an interrupted benchmark resumes where it
+stopped. --table prints what is there as a Markdown table.
 
-    python tools/bench_perp.py [--workdir runs/bench-perp] [--recon-steps 16] [--threads 1] [--table]
+    python tools/bench_perp.py [--profile ours|paper] [--targets 0.6 0.5 2:4 0.7] [--methods wanda sparsegpt]
+        [--workdir runs/bench-perp] [--threads 2] [--limit N] [--table]
 """
 
 from __future__ import annotations
@@ -25,25 +33,29 @@ PROTOCOL = ["--seqlen", "512", "--device", "cpu"]
 CALIBRATION = ["--nsamples", "32", "--seed", "0"]
 EVALUATION = ["--windows", "32"]
 METHODS = ("magnitude", "wanda", "sparsegpt")
-SUBSETS = ("none", "biases,norms", "masklora", "scalelora")
+TARGETS = ("0.5", "0.6", "0.7", "2:4")
+SUBSETS = ("none", "biases,norms", "biases,norms,masklora", "biases,norms,scalelora", "masklora", "scalelora")
+PROFILES = {
+    "ours": [],  # the defaults of methods/reconstruct.py's Reconstruction
+    "paper": ["--recon-steps", "20", "--recon-lr", "5e-4", "--recon-warmup", "0.1", "--lora-rank", "16",
+              "--lora-alpha", "32", "--micro-batch", "1"],
+}
 
 
-def cells() -> list[tuple[str, str, str]]:
-    """(method, target, subsets) in priority order, without repeats: the headline comparison first, 50% Wanda and
-    SparseGPT without reconstruction last in it (main's README already has their numbers)."""
-    order = [("magnitude", "0.5", "none")] + [("magnitude", "0.5", subsets) for subsets in SUBSETS[1:]]
-    for target in ("0.6", "2:4"):
-        order += [(method, target, "none") for method in METHODS]
-        order += [("magnitude", target, subsets) for subsets in SUBSETS[1:]]
-    order += [(method, "0.5", "none") for method in ("wanda", "sparsegpt")]
-    for target in ("0.5", "0.6", "2:4"):
-        order += [(method, target, subsets) for method in ("wanda", "sparsegpt") for subsets in SUBSETS[1:]]
-    order += [(method, "0.7", subsets) for method in METHODS for subsets in SUBSETS]
+def cells(methods: list[str], targets: list[str], profile: str) -> list[tuple[str, str, str, str]]:
+    """(method, target, subsets, profile) in priority order: every subset the issue asks for, target by target.
+    Without reconstruction the profile does not matter: those cells are always the "ours" runs."""
+    order = []
+    for target in targets:
+        for method in methods:
+            order.append((method, target, "none", "ours"))
+            order += [(method, target, subsets, profile) for subsets in SUBSETS[1:4]]
     return list(dict.fromkeys(order))
 
 
-def cell_name(method: str, target: str, subsets: str) -> str:
-    return f"{method}-{target.replace(':', 'of')}-{subsets.replace(',', '+')}"
+def cell_name(method: str, target: str, subsets: str, profile: str) -> str:
+    suffix = "" if profile == "ours" else f"-{profile}"
+    return f"{method}-{target.replace(':', 'of')}-{subsets.replace(',', '+')}{suffix}"
 
 
 def run(argv: list[str], env: dict[str, str]) -> tuple[str, float]:
@@ -54,11 +66,11 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - clock
 
 
-def measure(method: str, target: str, subsets: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
-    out = args.workdir / cell_name(method, target, subsets)
+def measure(method: str, target: str, subsets: str, profile: str, args: argparse.Namespace,
+            env: dict[str, str]) -> dict:
+    out = args.workdir / cell_name(method, target, subsets, profile)
     sparsity = ["--pattern", target] if ":" in target else ["--sparsity", target]
-    recon = [] if subsets == "none" else ["--reconstruct", subsets, "--recon-steps", str(args.recon_steps),
-                                          "--recon-lr", str(args.recon_lr)]
+    recon = [] if subsets == "none" else ["--reconstruct", subsets, *PROFILES[profile]]
     _, compress_seconds = run(["compress", "--model", str(args.model), "--out", str(out), "--method", method,
                                *sparsity, *recon, *PROTOCOL, *CALIBRATION], env)
     stdout, eval_seconds = run(["eval", "--model", str(out), *PROTOCOL, *EVALUATION], env)
@@ -73,28 +85,31 @@ def measure(method: str, target: str, subsets: str, args: argparse.Namespace, en
         "compress_seconds_per_block": sum(t.get("compress", 0.0) for t in timings) / len(timings),
         "trained_fraction_of_model": summary.get("fraction_of_model_parameters", 0.0),
         "trained_fraction_of_blocks": summary.get("fraction_of_block_parameters", 0.0),
-        "recon_steps": args.recon_steps if recon else 0, "recon_lr": args.recon_lr if recon else 0.0,
+        "profile": profile, "reconstruction": record.get("reconstruction"), "micro_batch": record.get("micro_batch"),
         "threads": args.threads,
     }
 
 
 def table(results: list[dict]) -> str:
-    by_cell = {(r["method"], r["target"], r["subsets"]): r for r in results}
-    lines = ["| method | target | " + " | ".join(SUBSETS) + " |", "|---|---|" + "---|" * len(SUBSETS)]
-    for target in ("0.5", "0.6", "0.7", "2:4"):
+    """Perplexity per method and target (rows) and subset and profile (columns), and each subset's trained share."""
+    by_cell = {(r["method"], r["target"], r["subsets"], r.get("profile", "ours")): r for r in results}
+    columns = [("none", "ours")] + [(subsets, profile) for profile in PROFILES for subsets in SUBSETS[1:]
+                                    if any(key[2:] == (subsets, profile) for key in by_cell)]
+    lines = ["| method | target | " + " | ".join(s if p == "ours" else f"{s} ({p})" for s, p in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for target in TARGETS:
         for method in METHODS:
-            row = [by_cell.get((method, target, subsets)) for subsets in SUBSETS]
+            row = [by_cell.get((method, target, *column)) for column in columns]
             if any(row):
                 lines.append(f"| {method} | {target} | "
                              + " | ".join(f"{r['ppl']:.2f}" if r else "–" for r in row) + " |")
-    lines += ["", "| subsets | trained fraction of the model | of the blocks | reconstruct s/block (mean) |",
-              "|---|---|---|---|"]
-    for subsets in SUBSETS[1:]:
-        rows = [r for r in results if r["subsets"] == subsets]
-        if rows:
-            lines.append(f"| {subsets} | {rows[0]['trained_fraction_of_model']:.4%} | "
-                         f"{rows[0]['trained_fraction_of_blocks']:.4%} | "
-                         f"{sum(r['reconstruct_seconds_per_block'] for r in rows) / len(rows):.1f} |")
+    lines += ["", "| subsets | profile | trained fraction of the model | of the blocks | reconstruct s/block (mean) |",
+              "|---|---|---|---|---|"]
+    for subsets, profile in columns[1:]:
+        rows = [r for r in results if (r["subsets"], r.get("profile", "ours")) == (subsets, profile)]
+        lines.append(f"| {subsets} | {profile} | {rows[0]['trained_fraction_of_model']:.4%} | "
+                     f"{rows[0]['trained_fraction_of_blocks']:.4%} | "
+                     f"{sum(r['reconstruct_seconds_per_block'] for r in rows) / len(rows):.1f} |")
     return "\n".join(lines)
 
 
@@ -102,8 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-perp")
-    parser.add_argument("--recon-steps", type=int, default=16)
-    parser.add_argument("--recon-lr", type=float, default=1e-2)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="ours",
+                        help="reconstruction hyperparameters: layerpress's defaults or the PERP reference code's")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["wanda", "sparsegpt"])
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=["0.6", "0.5", "2:4", "0.7"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1 is fastest on a loaded, shared 2-core machine)")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many new cells")
@@ -114,8 +131,8 @@ def main() -> None:
     results = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     if not args.table:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        done = {(r["method"], r["target"], r["subsets"]) for r in results}
-        todo = [cell for cell in cells() if cell not in done][: args.limit]
+        done = {(r["method"], r["target"], r["subsets"], r.get("profile", "ours")) for r in results}
+        todo = [cell for cell in cells(args.methods, args.targets, args.profile) if cell not in done][: args.limit]
         for number, cell in enumerate(todo, 1):
             result = measure(*cell, args, env)
             results.append(result)
