@@ -7,6 +7,10 @@ counter is reset (`/proc/self/clear_refs`, "5"); at its end the phase's own peak
 
     phase memory: block 1 compress: peak 16465 MiB
 
+The peak between two phases (or before the first, after the last) is printed too, named by the phase it precedes:
+
+    phase memory: outside phases, before block 1 read (prune): peak 7731 MiB
+
 Compare with the phases of `main.py plan` for the same settings. The reset also resets what wait4 reports as the
 process's peak, so do not measure the overall peak of a run made through this tool (tools/bench_*.py measure that).
 """
@@ -35,6 +39,8 @@ def with_peaks(timed):
 
     @contextmanager
     def phase(self: Phases, name: str) -> Iterator[None]:
+        print(f"phase memory: outside phases, before block {self.index + 1} {name} ({self.desc}): peak "
+              f"{peak_mib():.0f} MiB", file=sys.stderr, flush=True)
         Path("/proc/self/clear_refs").write_text("5")
         try:
             with timed(self, name):
@@ -42,6 +48,7 @@ def with_peaks(timed):
         finally:
             print(f"phase memory: block {self.index + 1} {name}: peak {peak_mib():.0f} MiB", file=sys.stderr,
                   flush=True)
+            Path("/proc/self/clear_refs").write_text("5")  # what follows, until the next phase, is outside phases
 
     return phase
 
@@ -51,7 +58,10 @@ def main() -> None:
         sys.exit("phase_memory needs Linux's /proc/self/clear_refs")
     Phases.__call__ = with_peaks(Phases.__call__)
     sys.argv = [str(ROOT / "main.py"), *sys.argv[1:]]
-    runpy.run_path(str(ROOT / "main.py"), run_name="__main__")
+    try:
+        runpy.run_path(str(ROOT / "main.py"), run_name="__main__")
+    finally:
+        print(f"phase memory: outside phases, after the last: peak {peak_mib():.0f} MiB", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
