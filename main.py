@@ -179,7 +179,7 @@ def add_calibration(parser: argparse.ArgumentParser) -> None:
 
 
 def add_allocation(parser: argparse.ArgumentParser) -> None:
-    from streamer.allocation import ALLOCATIONS, SCORE_ESTIMATES
+    from streamer.allocation import ALLOCATIONS, SCORE_CLUSTERS, SCORE_ESTIMATES
 
     group = parser.add_argument_group(
         "per-layer sparsity", "how --sparsity is spread over the layers; every allocation keeps the parameter-"
@@ -200,6 +200,9 @@ def add_allocation(parser: argparse.ArgumentParser) -> None:
                        help="score: rank by the SparseGPT sweep's OBS loss (exact reconstruction error), the "
                        "one-shot OBS saliency of the whole matrix, or the OBS loss relative to the layer's output "
                        "energy (default: obs_loss)")
+    group.add_argument("--score-clusters", choices=SCORE_CLUSTERS, default="joint",
+                       help="score: cluster all layers' losses together (the levels then mostly sort layer types) "
+                       "or the layers of each type among themselves (default: joint)")
     group.add_argument("--owl-lambda", type=float, default=0.08,
                        help="owl: sparsities spread over the target plus or minus this (default: 0.08)")
 
@@ -502,7 +505,7 @@ def compress_settings(args: argparse.Namespace):
         format=args.format,
         allocation=Allocation(
             kind=args.allocation, min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, scores=args.scores,
-            levels=args.levels, estimate=args.score_estimate, owl_lambda=args.owl_lambda,
+            levels=args.levels, estimate=args.score_estimate, clusters=args.score_clusters, owl_lambda=args.owl_lambda,
         ),
         reconstruction=reconstruction,
         gradients=args.gradients,

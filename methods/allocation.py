@@ -116,22 +116,39 @@ def kmeans_1d(values: Sequence[float], clusters: int) -> list[int]:
 
 
 def by_score_levels(
-    losses: Sequence[float], params: Sequence[int], target: float, lower: float, upper: float, levels: int = 3
+    losses: Sequence[float], params: Sequence[int], target: float, lower: float, upper: float, levels: int = 3,
+    kinds: Sequence[str] | None = None,
 ) -> list[float]:
     """Cluster layers by log10 of their estimated pruning loss; lower-loss levels get higher sparsity.
 
     Level i of k (0 = lowest loss) proposes upper − i·(upper − lower)/(k − 1); then the proposals are fitted to
     the target. A loss of zero (a layer the probe could not hurt) joins the lowest level.
+    kinds: each layer's type (q_proj, fc2, ...): the layers of each type are clustered among themselves, so the
+    levels rank depth within a type; clustered jointly, the levels mostly sort the types by width and role
+    (SmolLM2: every down_proj above every k_proj).
     """
     positive = [loss for loss in losses if loss > 0]
     floor = math.log10(min(positive)) if positive else 0.0
     logs = [math.log10(loss) if loss > 0 else floor for loss in losses]
-    labels = kmeans_1d(logs, levels)
-    count = max(labels) + 1
-    if count == 1:
+    proposals = [0.0] * len(logs)
+    for members in _by_kind(kinds, len(logs)):
+        labels = kmeans_1d([logs[i] for i in members], levels)
+        count = max(labels) + 1
+        for i, label in zip(members, labels):
+            proposals[i] = target if count == 1 else upper - label * (upper - lower) / (count - 1)
+    if len(set(proposals)) == 1:
         return uniform(params, target)
-    proposals = [upper - label * (upper - lower) / (count - 1) for label in labels]
     return fit_to_target(proposals, params, target, lower, upper)
+
+
+def _by_kind(kinds: Sequence[str] | None, count: int) -> list[list[int]]:
+    """The layer indices of each kind, in first-seen order (all layers together without kinds)."""
+    if kinds is None:
+        return [list(range(count))]
+    groups: dict[str, list[int]] = {}
+    for index, kind in enumerate(kinds):
+        groups.setdefault(kind, []).append(index)
+    return list(groups.values())
 
 
 def owl(

@@ -25,6 +25,7 @@ log = logging.getLogger("layerpress")
 
 ALLOCATIONS = ("uniform", "score", "owl", "depth")
 SCORE_ESTIMATES = ("obs_loss", "saliency", "relative")
+SCORE_CLUSTERS = ("joint", "per-type")
 DEFAULT_SPREAD = 0.1  # default bounds: the target ∓ this
 SCORES_FILE = "scores.json"
 
@@ -80,7 +81,8 @@ def nearest_probe(document: dict[str, Any], target: float) -> float:
 class Allocation:
     """kind: uniform, score, owl or depth; min_sparsity/max_sparsity: per-layer bounds (default target ∓ 0.1);
     scores: directory of a score pass (score, owl); levels: log-loss levels (score); estimate: which loss estimate
-    the score allocation ranks by; owl_lambda: OWL's spread around the target."""
+    the score allocation ranks by; clusters: levels over all layers together, or within each layer type;
+    owl_lambda: OWL's spread around the target."""
 
     kind: str = "uniform"
     min_sparsity: float | None = None
@@ -88,6 +90,7 @@ class Allocation:
     scores: Path | None = None
     levels: int = 3
     estimate: str = "obs_loss"
+    clusters: str = "joint"
     owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
@@ -95,10 +98,11 @@ class Allocation:
             raise LayerpressError(f"unknown allocation {self.kind!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.kind in ("score", "owl") and self.scores is None:
             raise LayerpressError(f"--allocation {self.kind} needs --scores DIR (written by `main.py scores`)")
-        if self.levels < 1 or self.owl_lambda < 0 or self.estimate not in SCORE_ESTIMATES:
+        if (self.levels < 1 or self.owl_lambda < 0 or self.estimate not in SCORE_ESTIMATES
+                or self.clusters not in SCORE_CLUSTERS):
             raise LayerpressError(
-                f"need --levels >= 1, --owl-lambda >= 0 and --score-estimate in {SCORE_ESTIMATES}, got "
-                f"{self.levels}, {self.owl_lambda}, {self.estimate!r}"
+                f"need --levels >= 1, --owl-lambda >= 0, --score-estimate in {SCORE_ESTIMATES} and --score-clusters "
+                f"in {SCORE_CLUSTERS}, got {self.levels}, {self.owl_lambda}, {self.estimate!r}, {self.clusters!r}"
             )
 
     def bounds(self, target: float) -> tuple[float, float]:
@@ -118,6 +122,8 @@ class Allocation:
         record: dict[str, Any] = {"kind": self.kind, "min_sparsity": lower, "max_sparsity": upper}
         if self.kind == "score":
             record.update(levels=self.levels, estimate=self.estimate)
+            if self.clusters != "joint":  # absent when joint, so runs recorded before the option still resume
+                record["clusters"] = self.clusters
         if self.kind == "owl":
             record.update(owl_lambda=self.owl_lambda)
         if self.kind in ("score", "owl"):
@@ -145,7 +151,8 @@ class Allocation:
                 if probe != target:
                     log.warning("no scores at sparsity %g in %s; using the nearest probe, %g", target, self.scores, probe)
                 losses = [layer_loss(scores[layer.name], self.estimate, probe) for layer in layers]
-                chosen = maths.by_score_levels(losses, params, target, lower, upper, self.levels)
+                kinds = [layer.linear for layer in layers] if self.clusters == "per-type" else None
+                chosen = maths.by_score_levels(losses, params, target, lower, upper, self.levels, kinds)
             else:
                 ratios = _block_outlier_ratios(layers, scores)
                 chosen = maths.owl([ratios[layer.block] for layer in layers], params, target, lower, upper,

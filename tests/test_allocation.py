@@ -68,6 +68,17 @@ def test_levels_are_clusters_of_log_loss():
     assert chosen[0] == chosen[1] == chosen[2] > chosen[3] == chosen[4] == chosen[5] > chosen[6] == chosen[7]
 
 
+def test_per_type_levels_rank_depth_within_each_layer_type():
+    """Jointly, a wide type's every layer outranks a narrow type's; per type, each type gets all its levels."""
+    losses = [1e-3, 2e-3, 4e-3, 1.0, 2.0, 4.0]  # k_proj at three depths, then down_proj at the same depths
+    kinds = ["k_proj"] * 3 + ["down_proj"] * 3
+    joint = allocation.by_score_levels(losses, [1] * 6, 0.7, LOWER, UPPER, levels=2)
+    assert joint[0] == joint[1] == joint[2] > joint[3] == joint[4] == joint[5], "joint: the levels split the types"
+    per_type = allocation.by_score_levels(losses, [1] * 6, 0.7, LOWER, UPPER, levels=2, kinds=kinds)
+    assert per_type[0] == per_type[3] and per_type[2] == per_type[5] and per_type[0] > per_type[2]
+    assert sum(per_type) / 6 == pytest.approx(0.7)
+
+
 def test_owl_gives_blocks_with_more_outliers_less_sparsity():
     ratios = [0.01, 0.05, 0.02, 0.03]
     chosen = allocation.owl(ratios, [1, 1, 1, 1], 0.7, LOWER, UPPER, spread=0.08)
