@@ -7,7 +7,15 @@ compresses and evaluates each METHOD:ALLOCATION run, and writes to the report di
     ranking_vs_order.png  layers ranked by score against their sequential order, and the per-layer sparsities each
                           allocation chooses (score-based ranking vs layer-order schedules, its Figure 5)
     perplexity.png        perplexity against global sparsity per method and allocation
-    results.json, results.md   every number, with the command that produced it
+    allocation_heatmaps.png   the sparsity each run chose per layer type (rows) and block (columns)
+    results.json, results.md   every number, with the command that produced it, and which runs beat uniform
+                          and the layer-order (depth) allocation of their method
+
+A score allocation may name its variant after an @, to rule out implementation choices before concluding that
+score-based ranking loses: `sparsegpt:score@saliency,per-type,pruned` ranks by the one-shot saliency instead of
+the sweep's OBS loss (or `relative`: OBS loss over the layer's output energy), clusters each layer type among
+itself instead of all layers jointly, and takes scores on inputs through earlier blocks pruned at the target
+(sequential pruning's inputs) instead of the dense model's. Defaults: obs_loss, joint, dense.
 
 All steps go through main.py's commands with the project's protocol (calibration --nsamples x --seqlen windows of
 the bundled WikiText-2 valid text, seed 0; evaluation on the first --windows windows of WikiText-2 test). Finished
@@ -27,6 +35,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from streamer.allocation import ALLOCATIONS, SCORES_FILE, Allocation, layer_loss, nearest_probe  # noqa: E402
+from streamer.allocation import (  # noqa: E402
+    ALLOCATIONS, SCORE_CLUSTERS, SCORE_ESTIMATES, SCORES_FILE, Allocation, layer_loss, nearest_probe,
+)
 from streamer.checkpoint import Checkpoint  # noqa: E402
 from streamer.files import atomic_write  # noqa: E402
 from streamer.journal import read_journal  # noqa: E402
@@ -44,6 +55,39 @@ from tools.smollm2_demo import cli  # noqa: E402
 
 DEFAULT_RUNS = ["sparsegpt:uniform", "sparsegpt:score", "sparsegpt:owl", "sparsegpt:depth", "wanda:uniform", "wanda:owl"]
 NEEDS_SCORES = ("score", "owl")
+SCORE_INPUTS = ("dense", "pruned")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run's allocation: its kind and, for `score`, which loss estimate, clustering and score inputs."""
+
+    kind: str
+    estimate: str = "obs_loss"
+    clusters: str = "joint"
+    inputs: str = "dense"
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        kind, _, options = text.partition("@")
+        if kind not in ALLOCATIONS or (options and kind != "score"):
+            raise ValueError(f"{text!r}: an allocation in {', '.join(ALLOCATIONS)}; only score takes @options")
+        chosen: dict[str, str] = {}
+        for option in filter(None, options.split(",")):
+            field_name = next((name for name, values in (("estimate", SCORE_ESTIMATES), ("clusters", SCORE_CLUSTERS),
+                                                          ("inputs", SCORE_INPUTS)) if option in values), None)
+            if field_name is None or field_name in chosen:
+                raise ValueError(f"{text!r}: {option!r} is not one of {SCORE_ESTIMATES + SCORE_CLUSTERS + SCORE_INPUTS}"
+                                 " or repeats a choice")
+            chosen[field_name] = option
+        return cls(kind, **chosen)
+
+    @property
+    def label(self) -> str:
+        """The allocation as runs, tables and directories name it: `score` plus what differs from the defaults."""
+        changed = [value for value, default in ((self.estimate, "obs_loss"), (self.clusters, "joint"),
+                                                (self.inputs, "dense")) if value != default]
+        return "-".join([self.kind, *changed])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +108,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for run in args.runs:
         method, _, allocation = run.partition(":")
-        if allocation not in ALLOCATIONS or not method:
-            parser.error(f"--runs: {run!r} is not METHOD:ALLOCATION with an allocation in {', '.join(ALLOCATIONS)}")
+        try:
+            Variant.parse(allocation)
+        except ValueError as exc:
+            parser.error(f"--runs: {run!r} is not METHOD:ALLOCATION[@OPTIONS]: {exc}")
+        if not method:
+            parser.error(f"--runs: {run!r} names no method")
     return args
+
+
+def parse_run(run: str) -> tuple[str, Variant]:
+    method, _, allocation = run.partition(":")
+    return method, Variant.parse(allocation)
 
 
 class Experiment:
@@ -96,20 +149,32 @@ class Experiment:
         return [*text, "--nsamples", str(self.args.nsamples), "--seqlen", str(self.args.seqlen), "--seed", "0",
                 "--device", self.args.device]
 
-    def scores_command(self) -> list[str]:
-        return ["scores", "--model", str(self.args.model), "--out", str(self.scores_dir),
-                "--sparsity", *map(str, self.probes), *self.calibration()]
+    def scores_path(self, inputs: str, sparsity: float) -> Path:
+        """Dense inputs: one pass with every target as a probe; pruned inputs: one pass per target (it prunes)."""
+        return self.scores_dir if inputs == "dense" else self.out / f"scores-pruned-{sparsity:g}"
 
-    def model_dir(self, method: str, allocation: str, sparsity: float) -> Path:
-        return self.out / "models" / f"{method}-{allocation}-{sparsity:g}"
+    def scores_command(self, inputs: str = "dense", sparsity: float | None = None) -> list[str]:
+        if inputs == "dense":
+            return ["scores", "--model", str(self.args.model), "--out", str(self.scores_dir),
+                    "--sparsity", *map(str, self.probes), *self.calibration()]
+        assert sparsity is not None
+        return ["scores", "--model", str(self.args.model), "--out", str(self.scores_path(inputs, sparsity)),
+                "--sparsity", str(sparsity), "--inputs", "pruned", *self.calibration()]
 
-    def compress_command(self, method: str, allocation: str, sparsity: float) -> list[str]:
-        command = ["compress", "--model", str(self.args.model), "--out", str(self.model_dir(method, allocation, sparsity)),
+    def model_dir(self, method: str, variant: Variant, sparsity: float) -> Path:
+        return self.out / "models" / f"{method}-{variant.label}-{sparsity:g}"
+
+    def compress_command(self, method: str, variant: Variant, sparsity: float) -> list[str]:
+        command = ["compress", "--model", str(self.args.model), "--out", str(self.model_dir(method, variant, sparsity)),
                    "--method", method, "--sparsity", f"{sparsity:g}", *self.calibration()]
-        if allocation != "uniform":  # uniform is the default: its command stays the plain one
-            command += ["--allocation", allocation]
-        if allocation in NEEDS_SCORES:
-            command += ["--scores", str(self.scores_dir)]
+        if variant.kind != "uniform":  # uniform is the default: its command stays the plain one
+            command += ["--allocation", variant.kind]
+        if variant.estimate != "obs_loss":
+            command += ["--score-estimate", variant.estimate]
+        if variant.clusters != "joint":
+            command += ["--score-clusters", variant.clusters]
+        if variant.kind in NEEDS_SCORES:
+            command += ["--scores", str(self.scores_path(variant.inputs, sparsity))]
         return command
 
     def eval_command(self, model: Path) -> list[str]:
@@ -118,10 +183,11 @@ class Experiment:
                 "--windows", str(self.args.windows), "--device", self.args.device]
 
     # ---------------------------------------------------------------- steps
-    def ensure_scores(self) -> None:
+    def ensure_scores(self, inputs: str = "dense", sparsity: float | None = None) -> None:
         clock = time.perf_counter()
-        cli("-q", *self.scores_command())
-        print(f"scores ready in {self.scores_dir} ({time.perf_counter() - clock:.0f}s)", flush=True)
+        cli("-q", *self.scores_command(inputs, sparsity))
+        print(f"scores ready in {self.scores_path(inputs, sparsity or 0)} ({time.perf_counter() - clock:.0f}s)",
+              flush=True)
 
     def evaluate(self, name: str, model: Path, compress: list[str] | None) -> dict[str, Any]:
         """Perplexity of `model`, reused when this exact model (its config.json) was evaluated before."""
@@ -140,17 +206,20 @@ class Experiment:
         return result
 
     def run_all(self) -> None:
-        if any(run.partition(":")[2] in NEEDS_SCORES for run in self.args.runs):
+        variants = [parse_run(run)[1] for run in self.args.runs]
+        if any(v.kind in NEEDS_SCORES and v.inputs == "dense" for v in variants):
             self.ensure_scores()
         for sparsity in self.args.sparsity:
+            if any(v.kind in NEEDS_SCORES and v.inputs == "pruned" for v in variants):
+                self.ensure_scores("pruned", sparsity)
             for run in self.args.runs:
-                method, _, allocation = run.partition(":")
-                command = self.compress_command(method, allocation, sparsity)
+                method, variant = parse_run(run)
+                command = self.compress_command(method, variant, sparsity)
                 clock = time.perf_counter()
                 cli("-q", *command)
-                model = self.model_dir(method, allocation, sparsity)
-                result = self.evaluate(f"{method}-{allocation}-{sparsity:g}", model, command)
-                print(f"{method} {allocation} {sparsity:g}: ppl {result['ppl']:.2f} "
+                model = self.model_dir(method, variant, sparsity)
+                result = self.evaluate(f"{method}-{variant.label}-{sparsity:g}", model, command)
+                print(f"{method} {variant.label} {sparsity:g}: ppl {result['ppl']:.2f} "
                       f"({time.perf_counter() - clock:.0f}s)", flush=True)
         self.evaluate("dense", self.args.model, None)
 
@@ -198,12 +267,13 @@ def collect(experiment: Experiment) -> dict[str, Any]:
         report["dense"] = json.loads(dense.read_text())
     for sparsity in sorted(set(args.sparsity)):
         for run in args.runs:
-            method, _, allocation = run.partition(":")
-            model = experiment.model_dir(method, allocation, sparsity)
-            path = experiment.results_dir / f"{method}-{allocation}-{sparsity:g}.json"
+            method, variant = parse_run(run)
+            model = experiment.model_dir(method, variant, sparsity)
+            path = experiment.results_dir / f"{method}-{variant.label}-{sparsity:g}.json"
             if not path.is_file():
                 continue
-            entry = {"method": method, "allocation": allocation, "sparsity": sparsity, **json.loads(path.read_text())}
+            entry = {"method": method, "allocation": variant.label, "sparsity": sparsity,
+                     **json.loads(path.read_text())}
             journal = read_journal(model) if model.is_dir() else None
             if journal and journal.get("summary"):
                 entry["compress_seconds"] = journal["summary"]["seconds"]
@@ -214,6 +284,7 @@ def collect(experiment: Experiment) -> dict[str, Any]:
             if achieved.keys() == params.keys():
                 entry["global_sparsity"] = sum(achieved[n] * params[n] for n in params) / sum(params.values())
             entry["layer_targets_range"] = [min(targets.values()), max(targets.values())] if targets else None
+            entry["layer_targets"] = targets or {name: sparsity for name in params}  # uniform records none
             report["runs"].append(entry)
     if (experiment.scores_dir / SCORES_FILE).is_file():
         report["scores"] = layer_analysis(experiment)
@@ -339,7 +410,41 @@ def plot(experiment: Experiment, report: dict[str, Any]) -> list[str]:
         figure.savefig(experiment.out / "perplexity.png", dpi=110)
         plt.close(figure)
         written.append("perplexity.png")
+        written.append(plot_heatmaps(experiment, report, plt))
     return written
+
+
+def plot_heatmaps(experiment: Experiment, report: dict[str, Any], plt) -> str:
+    """One heatmap per run: the sparsity it chose for every layer, layer type (rows) by block (columns), with its
+    perplexity in the title; a row of runs per target sparsity, one colour scale per row."""
+    layers = StagedModel(Checkpoint(experiment.args.model), torch.device("cpu")).linear_layers()
+    types = list(dict.fromkeys(layer.linear for layer in layers))
+    blocks = max(layer.block for layer in layers) + 1
+    sparsities = sorted({run["sparsity"] for run in report["runs"]})
+    columns = max(sum(run["sparsity"] == s for run in report["runs"]) for s in sparsities)
+    figure, axes = plt.subplots(len(sparsities), columns, figsize=(3.2 * columns, 0.32 * len(types) * len(sparsities)
+                                                                   + 1.4 * len(sparsities)), squeeze=False)
+    for row, sparsity in enumerate(sparsities):
+        runs = [run for run in report["runs"] if run["sparsity"] == sparsity]
+        spread = [value for run in runs for value in run["layer_targets"].values()]
+        low, high = min(spread), max(spread)
+        for column in range(columns):
+            axis = axes[row][column]
+            if column >= len(runs):
+                axis.axis("off")
+                continue
+            run = runs[column]
+            grid = torch.full((len(types), blocks), float("nan"))
+            for layer in layers:
+                grid[types.index(layer.linear), layer.block] = run["layer_targets"][layer.name]
+            image = axis.imshow(grid.numpy(), aspect="auto", vmin=low, vmax=max(high, low + 1e-6), cmap="viridis")
+            axis.set_title(f"{run['method']} {run['allocation']} {sparsity:g}: ppl {run['ppl']:.1f}", fontsize=7)
+            axis.set_yticks(range(len(types)), [short_type(t) for t in types], fontsize=6)
+            axis.set_xlabel("block", fontsize=7)
+        figure.colorbar(image, ax=list(axes[row]), fraction=0.02, label="layer sparsity")
+    figure.savefig(experiment.out / "allocation_heatmaps.png", dpi=110)
+    plt.close(figure)
+    return "allocation_heatmaps.png"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -365,6 +470,7 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(f"{run['ppl']:.2f}{change}")
         lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
     lines += ["", "Perplexity (in brackets: change against uniform with the same method and sparsity).", ""]
+    lines += verdicts(table, sparsities)
     if "scores" in report:
         lines += [f"Scores: `{report['scores']['command']}` ({report['scores']['inputs']} inputs).", "",
                   "| target | probe | Spearman(score rank, forward position) | Spearman(score allocation, depth allocation) |",
@@ -383,6 +489,22 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {run['name']} | {run['ppl']:.3f} | {overall} | {span_text} | {run.get('compress_seconds', 0):.0f} | "
                      f"{run['eval_seconds']:.0f} | `{run['compress_command']}` | `{run['eval_command']}` |")
     return "\n".join(lines) + "\n"
+
+
+def verdicts(table: dict[tuple[str, str], dict[float, dict]], sparsities: list[float]) -> list[str]:
+    """Per target, the runs that beat uniform and those that beat the layer-order (depth) allocation of their
+    method (by perplexity; a single calibration draw, so differences of a few percent are within noise)."""
+    lines = ["| target | beat uniform | beat depth (layer order) |", "| --- | --- | --- |"]
+    for sparsity in sparsities:
+        beats: dict[str, list[str]] = {"uniform": [], "depth": []}
+        for (method, allocation), runs in table.items():
+            run = runs.get(sparsity)
+            for baseline in beats:
+                other = table.get((method, baseline), {}).get(sparsity)
+                if run and other and allocation != baseline and run["ppl"] < other["ppl"]:
+                    beats[baseline].append(f"{method} {allocation} ({100 * (run['ppl'] / other['ppl'] - 1):+.1f}%)")
+        lines.append(f"| {sparsity:g} | {', '.join(beats['uniform']) or 'none'} | {', '.join(beats['depth']) or 'none'} |")
+    return lines + ["", "Which sparsity each run chose, per layer type and block: `allocation_heatmaps.png`.", ""]
 
 
 def write_report(experiment: Experiment) -> None:
