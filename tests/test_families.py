@@ -1,5 +1,5 @@
-"""The families people compress today (issue 19): Qwen3, Phi-3, GPT-NeoX/Pythia, Falcon, Gemma 2/3 (text), and one
-family no adapter declares (Starcoder2, derived from its module tree). Each gets the spine's guarantees; what a
+"""The families people compress today (issue 19): Qwen3, Phi-3, GPT-NeoX/Pythia, Falcon, Gemma 2/3 (text), Mixtral,
+Qwen2-MoE and Qwen3-MoE, and one family no adapter declares (Starcoder2, derived from its module tree). Each gets the spine's guarantees; what a
 family cannot do is refused in one line."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, MixtralConfig, Phi3Config,
-    Qwen2MoeConfig, Qwen3Config, Starcoder2Config,
+    AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, MixtralConfig, OlmoeConfig,
+    Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, Starcoder2Config,
 )
 
 import main
@@ -52,6 +52,10 @@ FAMILY_CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(**GEMMA, layer_types=["sliding_attention", "full_attention"]),
     "starcoder2-derived": lambda: Starcoder2Config(**LLAMA_LIKE, sliding_window=8),
     "mixtral": lambda: MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**LLAMA_LIKE, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                        num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                        num_experts_per_tok=2),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
 BLOCKS = 2
@@ -189,7 +193,7 @@ def test_other_methods_stream_as_in_memory(family_checkpoints, calib, tmp_path, 
     assert_state_equals(tmp_path / "out", expected)
 
 
-@pytest.mark.parametrize("sparse", ["gemma3", "falcon-new-rotary"], indirect=True)
+@pytest.mark.parametrize("sparse", ["gemma3", "falcon-new-rotary", "qwen2_moe"], indirect=True)
 def test_a_killed_run_resumes_to_the_same_bytes(calib, tmp_path, sparse):
     _, model, whole, _ = sparse
     argv = ["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib), "--nsamples",
@@ -230,6 +234,7 @@ def test_flap_streams_as_in_memory_and_the_smaller_model_computes_the_masked_one
     ("phi3", "fused qkv_proj and gate_up_proj"),
     ("starcoder2-derived", "derived from the module tree"),
     ("mixtral", "one intermediate width for all experts"),
+    ("qwen3_moe", "one intermediate width for all experts"),
 ])
 def test_flap_is_refused_in_one_line_where_channels_cannot_be_cut_whole(family_checkpoints, calib, tmp_path, capsys,
                                                                        family, reason):
@@ -268,15 +273,14 @@ def test_an_undeclared_family_of_the_common_shape_gets_a_derived_adapter(family_
 
 def test_a_family_it_cannot_derive_is_refused_in_one_line_naming_what_is_missing(tokenizer, tmp_path, calib,
                                                                                  capsys):
-    """Qwen2-MoE: experts (and a shared expert) that no adapter declares."""
-    config = Qwen2MoeConfig(**LLAMA_LIKE, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
-                            num_experts_per_tok=2)
-    model = make_tiny_checkpoint("qwen2_moe", tmp_path / "qwen2_moe", tokenizer, config=config)
+    """OLMoE: experts that no adapter declares."""
+    config = OlmoeConfig(**LLAMA_LIKE, num_experts=4, num_experts_per_tok=2)
+    model = make_tiny_checkpoint("olmoe", tmp_path / "olmoe", tokenizer, config=config)
     assert main.main(["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib),
                       "--device", "cpu"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]  # the lines before: saving the tiny checkpoint
     assert error.startswith("layerpress: error: unsupported architecture")
-    assert "'qwen2_moe'" in error and "mlp.experts (Qwen2MoeExperts)" in error
+    assert "'olmoe'" in error and "mlp.experts (OlmoeExperts)" in error
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
@@ -363,9 +367,31 @@ def test_an_expert_minimum_below_one_token_is_refused(family_checkpoints, calib,
     assert "--expert-min-tokens must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sparse", ["mixtral"], indirect=True)
-def test_the_router_is_not_compressed(sparse):
+@pytest.mark.parametrize("sparse, kept", [
+    ("mixtral", ("block_sparse_moe.gate.weight",)),
+    ("qwen2_moe", ("mlp.gate.weight", "mlp.shared_expert_gate.weight")),  # the shared expert's gate: one output
+    ("qwen3_moe", ("mlp.gate.weight",)),
+], indirect=["sparse"])
+def test_the_router_is_not_compressed(sparse, kept):
     _, model, out, _ = sparse
     original, compressed = load_state(model), load_state(out)
-    routers = [name for name in original if name.endswith("block_sparse_moe.gate.weight")]
-    assert len(routers) == BLOCKS and all(torch.equal(compressed[name], original[name]) for name in routers)
+    routers = [name for name in original if name.endswith(kept)]
+    assert len(routers) == BLOCKS * len(kept) and all(torch.equal(compressed[name], original[name]) for name in routers)
+
+
+def test_qwen2_moes_shared_expert_is_compressed_once_beside_each_expert():
+    config = FAMILY_CONFIGS["qwen2_moe"]().to_dict()
+    names = adapter_for(config).linear_names
+    assert names.count("mlp.shared_expert.gate_proj") == 1 and "mlp.experts.3.down_proj" in names
+    assert "mlp.shared_expert_gate" not in names and len(names) == 4 + 3 + 3 * 4
+
+
+def test_blocks_with_and_without_experts_are_refused_in_one_line(tokenizer, tmp_path, calib, capsys):
+    config = Qwen3MoeConfig(**LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            mlp_only_layers=[1])
+    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "mixed", tokenizer, config=config)
+    capsys.readouterr()
+    assert main.main(["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib),
+                      "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "blocks with and without experts (mlp_only_layers [1])" in error

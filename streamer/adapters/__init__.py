@@ -18,8 +18,10 @@ from .mixtral import MIXTRAL
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen3 import QWEN3
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BLOOM, QWEN3, PHI3, GPT_NEOX, FALCON, GEMMA2, GEMMA3, MIXTRAL)
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BLOOM, QWEN3, PHI3, GPT_NEOX, FALCON, GEMMA2, GEMMA3, MIXTRAL,
+                                QWEN2_MOE, QWEN3_MOE)
 
 
 def supported_model_types() -> list[str]:

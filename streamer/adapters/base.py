@@ -9,8 +9,11 @@ linear layers a block has, in the order its forward uses them, and which of thei
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
+
+from ..errors import LayerpressError
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,20 @@ class ExpertLayout:
     linear layer per expert matrix (streamer/experts.py).
 
     path: the fused experts module, relative to the block (its children become the experts 0, 1, ...).
-    count_key: config attribute giving the number of experts.
+    count_keys: the config.json keys that may give the number of experts (the first present counts: Qwen3-MoE's
+        hub configs say num_experts, transformers 5 saves it as num_local_experts).
     gate, up, down: each expert's matrices as the checkpoint names them (e.g. Mixtral's w1, w3, w2).
+    every_block: config values under which every block has experts (Qwen-MoE's `decoder_sparse_step` 1, no
+        `mlp_only_layers`); another value mixes dense and expert blocks, which one adapter's layer names cannot
+        describe, and is refused.
     """
 
     path: str
-    count_key: str
+    count_keys: tuple[str, ...]
     gate: str
     up: str
     down: str
+    every_block: tuple[tuple[str, Any], ...] = ()
 
     def expert_of(self, linear: str) -> int | None:
         """The expert a linear layer of the block belongs to (None: not an expert's)."""
@@ -107,10 +115,15 @@ class Adapter:
         """The adapter of a model of this config: each layer name with EXPERT once per expert, experts in order."""
         if self.experts is None:
             return self
-        count = config[self.experts.count_key]
-        groups = tuple(
-            tuple(name.replace(EXPERT, str(expert)) for expert in range(count) for name in group)
-            if any(EXPERT in name for name in group) else group
+        mixed = [f"{key} {config[key]!r}" for key, value in self.experts.every_block
+                 if key in config and config[key] != value]
+        if mixed:
+            raise LayerpressError(f"{self.name}: blocks with and without experts ({', '.join(mixed)}) are not "
+                                  "supported: every block must have the same layers")
+        count = next(config[key] for key in self.experts.count_keys if key in config)
+        groups = tuple(  # a group's layers outside the experts (a shared expert's) once, before the experts'
+            (*(name for name in group if EXPERT not in name),
+             *(name.replace(EXPERT, str(expert)) for expert in range(count) for name in group if EXPERT in name))
             for group in self.sequential_groups
         )
         return replace(self, sequential_groups=groups)

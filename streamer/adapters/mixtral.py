@@ -21,7 +21,7 @@ MIXTRAL = Adapter(
         (f"mlp.experts.{EXPERT}.w2",),
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
-    experts=ExpertLayout(path="mlp.experts", count_key="num_local_experts", gate="w1", up="w3", down="w2"),
+    experts=ExpertLayout(path="mlp.experts", count_keys=("num_local_experts",), gate="w1", up="w3", down="w2"),
     unprunable="transformers' fused experts hold one intermediate width for all experts, so no expert can lose "
     "channels alone",
 )
