@@ -15,6 +15,12 @@ not matter, and the report gives each side's spread next to the paired differenc
   micro-batch-4  ours only, four windows per forward
   seed-1, seed-2 other calibration windows, the same on both sides
 
+and, against that spread, the precision variants of ours (issue 16: is low precision within the noise?):
+
+  gram-bf16      --gram-dtype bfloat16 (XᵀX from bf16 inputs, float32 sums)
+  bf16           --dtype bfloat16 (the block's forwards in bf16; Gram, solves and sweep in float32)
+  bf16-gram-bf16 both
+
 Each run is its own process, measured from outside (wall time, peak RSS); both outputs are evaluated by
 `main.py eval`. The reference runs its own `llama_sequential` and `SparseGPT` class, imported from REF, on the whole
 model loaded into RAM with `LlamaForCausalLM.from_pretrained` (as its llama.py does), then saved with
@@ -51,10 +57,16 @@ class Perturbation:
     seed: int = 0
     threads: int = 2
     micro_batch: int | None = None  # ours only; None: the plan's choice
+    options: tuple[str, ...] = ()  # ours only: a precision variant's compress options
 
     @property
     def both_sides(self) -> bool:
-        return self.micro_batch is None
+        return self.micro_batch is None and not self.options
+
+    @property
+    def in_spread(self) -> bool:
+        """A perturbation that should not matter (counted in a side's spread), not a variant measured against it."""
+        return not self.options
 
 
 PERTURBATIONS = {
@@ -64,6 +76,9 @@ PERTURBATIONS = {
     "micro-batch-4": Perturbation(micro_batch=4),
     "seed-1": Perturbation(seed=1),
     "seed-2": Perturbation(seed=2),
+    "gram-bf16": Perturbation(options=("--gram-dtype", "bfloat16")),
+    "bf16": Perturbation(options=("--dtype", "bfloat16")),
+    "bf16-gram-bf16": Perturbation(options=("--dtype", "bfloat16", "--gram-dtype", "bfloat16")),
 }
 
 
@@ -124,7 +139,7 @@ def run_side(side: str, name: str, perturbation: Perturbation, reference: Path, 
         micro_batch = [] if perturbation.micro_batch is None else ["--micro-batch", str(perturbation.micro_batch)]
         argv = ["compress", "--model", str(SMOLLM2), "--out", str(directory), "--method", "sparsegpt", "--sparsity",
                 str(SPARSITY), "--device", "cpu", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--seed",
-                str(perturbation.seed), *micro_batch, "--restart"]
+                str(perturbation.seed), *micro_batch, *perturbation.options, "--restart"]
         run = run_measured(argv, threads=perturbation.threads)
     result = {"seconds": run["seconds"], "peak_rss_mib": run["peak_rss_mib"], "ppl": eval_ppl(directory)}
     if side == "ours":
@@ -151,11 +166,18 @@ def report(results: dict) -> str:
         paired = "—" if reference is None or ours is None else f"{ours['ppl'] / reference['ppl'] - 1:+.1%}"
         lines.append(f"| {name} | {cell(reference)} | {cell(ours)} | {paired} |")
     for side in ("reference", "ours"):
-        values = [run["ppl"] for run in results[side].values()]
+        values = [run["ppl"] for name, run in results[side].items() if PERTURBATIONS[name].in_spread]
         if len(values) > 1:
             summary = spread(values)
-            lines.append(f"\n{side}: mean {summary['mean']:.2f} over {len(values)} runs, "
+            lines.append(f"\n{side}: mean {summary['mean']:.2f} over {len(values)} perturbations, "
                          f"{summary['min']:.2f}-{summary['max']:.2f} (spread {summary['relative_spread']:.1%})")
+            if side == "ours":
+                for name, run in results[side].items():
+                    if not PERTURBATIONS[name].in_spread:
+                        inside = "inside" if summary["min"] <= run["ppl"] <= summary["max"] else "outside"
+                        lines.append(f"ours {name}: ppl {run['ppl']:.2f}, {run['ppl'] / summary['mean'] - 1:+.1%} "
+                                     f"of the mean, {inside} the spread; {run['seconds']:.1f} s, "
+                                     f"{run['peak_rss_mib']:.0f} MiB")
     base = {side: results[side].get("base") for side in ("reference", "ours")}
     if all(base.values()):
         lines.append(f"\nbase: reference {base['reference']['seconds']:.1f} s, {base['reference']['peak_rss_mib']:.0f} "
