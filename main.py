@@ -223,7 +223,9 @@ def add_bits_policy(parser: argparse.ArgumentParser) -> None:
         "average at most --avg-bits; replaces --wbits (the grid's other options apply to every layer)",
     )
     group.add_argument("--bits-policy", choices=POLICIES, default=None,
-                       help="cmpq: 1 - canonical correlation of the layer's input and noisy output; pmpq: relative "
+                       help="cmpq (the paper's, as we read it): 1 - mean canonical correlation of the layer's "
+                       "block's input and output hidden states; cmpq-noise (ours): of the layer's input and noisy "
+                       "output; pmpq: relative "
                        "output error when magnitude-pruned at the score pass's first probe sparsity; tdmpq: "
                        "first-order Taylor output change under input noise scaled to each channel")
     group.add_argument("--avg-bits", type=float, default=None, help="average bits per compressed weight, at most")
@@ -267,7 +269,7 @@ def add_scores_arguments(parser: argparse.ArgumentParser, planning: bool = False
     parser.add_argument("--outlier-threshold", type=float, default=5.0,
                         help="OWL's M: a Wanda score is an outlier above M times its block's mean (default: 5)")
     parser.add_argument("--cca-noise", type=float, default=0.01,
-                        help="CMPQ: the output noise its canonical correlations are taken under, relative to the "
+                        help="cmpq-noise: the output noise its canonical correlations are taken under, relative to the "
                         "layer's mean output variance (default: 0.01)")
     add_calibration(parser)
     add_planning(parser)

@@ -17,8 +17,9 @@ Both grow with the scale of the layer's output, which in a pre-norm transformer 
 fraction of the layer's output that pruning destroys.
 
 The outlier counts are OWL's (Yin et al., 2024): Wanda scores |W_ij|·‖X_j‖ above M times the mean score of the
-whole block. `cmpq`, `pmpq` (per probe) and `tdmpq` are CPTQuant's sensitivities (methods/sensitivity.py), which
-`compress --bits-policy` turns into per-layer bit widths.
+whole block. `cmpq-noise`, `pmpq` (per probe) and `tdmpq` are CPTQuant's sensitivities (methods/sensitivity.py),
+which `compress --bits-policy` turns into per-layer bit widths; `cmpq`, the paper's reading that compares a block's
+input and output, is added per block by the score pass (`Scorer.block_correlation`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from .hessian import dead_inputs, inverse_cholesky
 from .masks import lowest_overall, selection_bytes
 from .obs import sweep
 from .sparsegpt import SparseGPT
-from .sensitivity import canonical_sensitivity, output_energy, pruning_sensitivity, taylor_sensitivity
+from .sensitivity import (
+    BlockCorrelation, canonical_sensitivity, output_energy, pruning_sensitivity, taylor_sensitivity,
+)
 from .sensitivity import working_bytes as sensitivity_working_bytes
 from .statistics import Gram, check_gram_dtype
 
@@ -51,7 +54,7 @@ class LayerScore:
     saliency: dict[float, float]
     damping: float
     output_energy: float
-    cmpq: float
+    cmpq_noise: float
     pmpq: dict[float, float]
     tdmpq: float
     outliers: int = 0
@@ -63,7 +66,7 @@ class LayerScore:
             "output_energy": self.output_energy,
             "obs_loss": {probe_key(p): v for p, v in self.obs_loss.items()},
             "saliency": {probe_key(p): v for p, v in self.saliency.items()},
-            "cmpq": self.cmpq, "pmpq": {probe_key(p): v for p, v in self.pmpq.items()}, "tdmpq": self.tdmpq,
+            "cmpq-noise": self.cmpq_noise, "pmpq": {probe_key(p): v for p, v in self.pmpq.items()}, "tdmpq": self.tdmpq,
         }
 
 
@@ -83,7 +86,7 @@ def score_layer(
     keep_pruned: bool = False, cca_noise: float = 0.01,
 ) -> LayerScore:
     """Both loss estimates of pruning `layer` to each probe sparsity (unstructured), from one Cholesky factor, and
-    CPTQuant's sensitivities (cca_noise: CMPQ's output noise level).
+    CPTQuant's per-layer sensitivities (cca_noise: cmpq-noise's output noise level).
 
     keep_pruned: also return the sweep's weight at the (single) probe.
     """
@@ -96,7 +99,7 @@ def score_layer(
     energy = output_energy(weight, gram.gram) * gram.scale / 2
     hessian = gram.gram
     result = LayerScore(layer.weight.numel(), {}, {}, used_damping, energy,
-                        cmpq=canonical_sensitivity(weight, hessian, cca_noise),
+                        cmpq_noise=canonical_sensitivity(weight, hessian, cca_noise),
                         pmpq={p: pruning_sensitivity(weight, hessian, p) for p in sparsities},
                         tdmpq=taylor_sensitivity(weight, hessian))
     for sparsity in sparsities:
@@ -131,7 +134,7 @@ def outlier_counts(score_of: Callable[[str], torch.Tensor], names: Iterable[str]
 @dataclass
 class Scorer:
     """The per-block maths of the score pass. sparsities: the probes; damping, blocksize, gram_dtype: SparseGPT's;
-    outlier_threshold: OWL's M; cca_noise: CMPQ's output noise, relative to the mean output variance;
+    outlier_threshold: OWL's M; cca_noise: cmpq-noise's output noise, relative to the mean output variance;
     keep_pruned: each layer's score also returns its weight pruned at the (single) probe, to propagate pruned
     inputs.
 
@@ -165,6 +168,17 @@ class Scorer:
         """One layer's loss estimates and sensitivities (its outlier count needs the whole block: `outliers`)."""
         return score_layer(layer, gram, self.sparsities, self.damping, self.blocksize, self.keep_pruned,
                            self.cca_noise)
+
+    @staticmethod
+    def block_correlation(width: int, device: torch.device) -> BlockCorrelation:
+        """CMPQ's statistic of one block: its input and output hidden states, fed after it is propagated."""
+        return BlockCorrelation(width, device)
+
+    @staticmethod
+    def correlation_bytes(width: int, tokens: int) -> int:
+        """What `block_correlation` holds while it is fed `tokens` (one micro-batch) at a time: its moments and the
+        micro-batch's inputs and outputs in float64."""
+        return BlockCorrelation.nbytes(width) + 2 * 8 * tokens * width
 
     def outliers(self, layers: dict[str, nn.Linear], hessian_diagonals: dict[str, torch.Tensor]) -> dict[str, int]:
         """OWL's outlier count of every layer of one block, against the whole block's mean Wanda score."""

@@ -1,10 +1,20 @@
-"""CPTQuant's three layer sensitivities (Nanda et al., 2024), each read from the layer's Gram matrix alone.
+"""CPTQuant's layer sensitivities (Nanda et al., 2024). Higher means more sensitive.
 
-The paper publishes no code; these are our readings, all scale-free (a layer's number does not grow with the size
-of its activations, so layers of every depth compare) and computed from H = 2·XᵀX/N (uncentered second moments: the
-score pass's statistic) and the weight W, with Y = XWᵀ the layer's output. Higher means more sensitive.
+The paper publishes no code. CMPQ "adapts the precision level based on canonical correlation analysis of different
+layers": it compares layers, so our reading of the paper's measure (`cmpq`) is taken between a transformer block's
+input and output hidden states, the representations of two consecutive layers:
 
-- CMPQ, canonical correlation: 1 − the mean canonical correlation between the input X and the output observed under
+- CMPQ (the paper's, as we read it): 1 − the mean canonical correlation between the block's input X and its output
+  Y over all calibration tokens (centered; `BlockCorrelation`). A block that keeps its input's directions (Y ≈ X +
+  small) scores near 0; one that rewrites the representation scores high. Every linear layer of the block gets its
+  block's number. A canonical correlation between a layer's input and its own linear output, the literal per-layer
+  version, is identically 1 (Y = XWᵀ is a linear function of X), which is why the next measure needs a noise level.
+
+The others are ours: scale-free (a layer's number does not grow with the size of its activations, so layers of
+every depth compare) and computed from H = 2·XᵀX/N (uncentered second moments: the score pass's statistic) and the
+weight W, with Y = XWᵀ the layer's output.
+
+- cmpq-noise (ours, a per-layer stand-in for CMPQ): 1 − the mean canonical correlation between the input X and the output observed under
   isotropic noise, Y + e with e ~ N(0, λI), λ = `noise` · the mean output variance (tr(WHWᵀ)/rows). Without noise
   the correlations are all 1 (Y is a linear function of X); the noise stands for the quantization error a layer's
   output receives. Along an eigenvector of the output's second moments WHWᵀ with eigenvalue s the canonical
@@ -25,7 +35,8 @@ import torch
 from .base import Target
 from .masks import lowest_overall, selection_bytes
 
-POLICIES = ("cmpq", "pmpq", "tdmpq")
+POLICIES = ("cmpq", "cmpq-noise", "pmpq", "tdmpq")
+RIDGE = 1e-6  # of the largest variance: directions below it carry no signal to correlate (and no inverse)
 # Rows of W multiplied with H at once: the products are float32 over row chunks of about this many weights (64 MiB),
 # summed in float64, so no rows × columns product and no float64 copy of H exist (BLOOM-176B's dense_4h_to_h has a
 # 57344² Hessian: 13 GiB in float32, 26 GiB in float64).
@@ -55,8 +66,50 @@ def output_second_moments(weight: torch.Tensor, hessian: torch.Tensor) -> torch.
     return torch.linalg.eigvalsh(root @ gram @ root)
 
 
+class BlockCorrelation:
+    """Centered cross-moments of a block's input and output hidden states, accumulated over token chunks in
+    float64 (three width² matrices: 4.6 GiB at BLOOM-176B's 14336), for CMPQ's canonical correlations."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.tokens = 0
+        self.sums = torch.zeros(2, width, dtype=torch.float64, device=device)
+        self.xx, self.yy, self.xy = (torch.zeros(width, width, dtype=torch.float64, device=device) for _ in range(3))
+
+    def update(self, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        y = outputs.reshape(-1, outputs.shape[-1]).double()
+        self.tokens += x.shape[0]
+        self.sums[0] += x.sum(dim=0)
+        self.sums[1] += y.sum(dim=0)
+        self.xx.addmm_(x.T, x)
+        self.yy.addmm_(y.T, y)
+        self.xy.addmm_(x.T, y)
+
+    def correlations(self) -> torch.Tensor:
+        """The canonical correlations (descending): singular values of Cxx^-½ Cxy Cyy^-½, each side whitened over
+        the directions whose variance exceeds RIDGE of its largest (the rest carry no signal)."""
+        mean_x, mean_y = self.sums / self.tokens
+        covariance = [moment / self.tokens - torch.outer(a, b) for moment, a, b in
+                      ((self.xx, mean_x, mean_x), (self.yy, mean_y, mean_y), (self.xy, mean_x, mean_y))]
+        whiten = []
+        for matrix in covariance[:2]:
+            values, vectors = torch.linalg.eigh(matrix)
+            kept = values > RIDGE * values.max().clamp(min=1e-300)
+            whiten.append(vectors[:, kept] / values[kept].sqrt())
+        return torch.linalg.svdvals(whiten[0].T @ covariance[2] @ whiten[1]).clamp(max=1.0)
+
+    def sensitivity(self) -> float:
+        """CMPQ: 1 − the mean canonical correlation."""
+        return float(1 - self.correlations().mean())
+
+    @staticmethod
+    def nbytes(width: int) -> int:
+        """Its three float64 width² matrices and, while the correlations are taken, about three more."""
+        return 6 * 8 * width * width
+
+
 def canonical_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, noise: float) -> float:
-    """CMPQ: 1 − mean canonical correlation of X and XWᵀ + e, e isotropic at `noise` × the mean output variance."""
+    """cmpq-noise (ours): 1 − mean canonical correlation of X and XWᵀ + e, e isotropic at `noise` × the mean output variance."""
     spectrum = output_second_moments(weight, hessian).clamp(min=0)
     level = noise * output_energy(weight, hessian) / weight.shape[0]
     if level <= 0:  # a layer that outputs nothing: no signal to lose

@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM
 import main
 from methods import METHODS, QuantSpec, Target
 from methods.allocation import bits_by_sensitivity, weighted_mean
-from methods.sensitivity import canonical_sensitivity, pruning_sensitivity, taylor_sensitivity
+from methods.sensitivity import BlockCorrelation, canonical_sensitivity, pruning_sensitivity, taylor_sensitivity
 from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, load_tokenizer, tokenize
-from tests.reference import compress_in_memory
+from streamer.adapters import adapter_for
+from tests.reference import compress_in_memory, first_block_inputs, in_memory_model
 from tests.test_compress import NSAMPLES, SEQLEN, run_compress
 from tests.test_quant import interrupted_at_block, shard_bytes
 from tests.test_resume import output_digest
@@ -51,7 +52,7 @@ def test_bits_stay_within_the_budget_and_no_layer_could_still_go_up(choices):
 
 
 @pytest.mark.parametrize("rows,columns", [(24, 48), (48, 24)])
-def test_cmpq_is_one_minus_the_mean_canonical_correlation_of_input_and_noisy_output(rows, columns):
+def test_cmpq_noise_is_one_minus_the_mean_canonical_correlation_of_input_and_noisy_output(rows, columns):
     layer, gram, inputs = random_layer(rows, columns)
     weight = layer.weight.detach().double()
     moments = gram.hessian.double() / 2  # E[x xᵀ]
@@ -69,6 +70,54 @@ def test_cmpq_is_one_minus_the_mean_canonical_correlation_of_input_and_noisy_out
     expected = 1 - float(correlations.mean())
     assert canonical_sensitivity(layer.weight.detach(), gram.hessian, noise) == pytest.approx(expected, rel=1e-6)
     assert canonical_sensitivity(layer.weight.detach(), gram.hessian, 10 * noise) > expected  # more noise: lower
+
+
+def textbook_canonical_correlations(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CCA written out: center, Cxx^-½ Cxy Cyy^-½ from whole-matrix covariances, its singular values."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+
+    def inverse_root(matrix):
+        values, vectors = torch.linalg.eigh(matrix)
+        return (vectors / values.sqrt()) @ vectors.T
+
+    n = x.shape[0]
+    return torch.linalg.svdvals(inverse_root(x.T @ x / n) @ (x.T @ y / n) @ inverse_root(y.T @ y / n))
+
+
+def test_block_cmpq_is_one_minus_the_mean_canonical_correlation_of_a_blocks_input_and_output():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 12, generator=generator) * torch.linspace(0.5, 3, 12) + 2
+    mixed = x + 0.5 * torch.tanh(x @ torch.randn(12, 12, generator=generator))  # a residual block's shape
+    correlation = BlockCorrelation(12, torch.device("cpu"))
+    for xs, ys in zip(x.split(700), mixed.split(700)):  # uneven chunks, float32 as activations come
+        correlation.update(xs.view(1, -1, 12), ys.view(1, -1, 12))
+    expected = textbook_canonical_correlations(x, mixed)
+    torch.testing.assert_close(correlation.correlations(), expected, rtol=1e-8, atol=1e-10)
+    assert correlation.sensitivity() == pytest.approx(1 - float(expected.mean()), rel=1e-8)
+
+    linear = BlockCorrelation(12, torch.device("cpu"))  # a linear block keeps every direction: correlations 1
+    linear.update(x, x @ torch.randn(12, 12, generator=generator) + 1)
+    assert linear.sensitivity() == pytest.approx(0.0, abs=1e-9)
+    unrelated = BlockCorrelation(12, torch.device("cpu"))
+    unrelated.update(x, torch.randn(3000, 12, generator=generator))
+    assert unrelated.sensitivity() > 0.9
+
+
+def test_the_score_pass_gives_each_layer_its_blocks_cmpq(tiny_checkpoints, llama_scores):
+    document, _, calib = llama_scores
+    model = tiny_checkpoints["llama"]
+    oracle = in_memory_model(model)
+    windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib)), NSAMPLES, SEQLEN, 0)
+    hidden, forward = first_block_inputs(oracle, windows)
+    blocks = oracle.get_submodule(adapter_for(oracle.config.to_dict()).blocks)
+    for index, block in enumerate(blocks):
+        with torch.no_grad():
+            outputs = [forward(block, h) for h in hidden]
+        flat = lambda tensors: torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])  # noqa: E731
+        expected = 1 - float(textbook_canonical_correlations(flat(hidden), flat(outputs)).mean())
+        values = {layer["cmpq"] for layer in document["layers"].values() if layer["block"] == index}
+        assert len(values) == 1 and values.pop() == pytest.approx(expected, rel=1e-6)
+        hidden = outputs
 
 
 def test_pmpq_and_tdmpq_are_the_measured_relative_output_errors():
@@ -94,7 +143,7 @@ def llama_scores(tiny_checkpoints, tmp_path_factory):
     return run_scores(tiny_checkpoints["llama"], work / "scores", calib), work / "scores", calib
 
 
-@pytest.mark.parametrize("policy", ["cmpq", "pmpq", "tdmpq"])
+@pytest.mark.parametrize("policy", ["cmpq", "cmpq-noise", "pmpq", "tdmpq"])
 def test_policy_streamed_equals_in_memory_with_the_recorded_bits(tiny_checkpoints, tmp_path, llama_scores, policy):
     document, scores, calib = llama_scores
     model, out = tiny_checkpoints["llama"], tmp_path / "out"

@@ -28,7 +28,8 @@ POLICY = ["--avg-bits", "5", "--bit-choices", "4,8"]
 RUNS: dict[str, list[str]] = {
     "gptq-w4-g64": [*GRID, "--wbits", "4"],
     "gptq-w5-g64": [*GRID, "--wbits", "5"],
-    **{f"{policy}-avg5": [*GRID, "--bits-policy", policy, *POLICY] for policy in ("cmpq", "pmpq", "tdmpq")},
+    **{f"{policy}-avg5": [*GRID, "--bits-policy", policy, *POLICY]
+       for policy in ("cmpq", "cmpq-noise", "pmpq", "tdmpq")},
 }
 EDGE = 0.3  # the paper's "first and last 30% of layers"
 

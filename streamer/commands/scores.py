@@ -101,10 +101,17 @@ def score(settings: ScoreSettings) -> Path:
     def work(run: Run) -> None:
         started = time.perf_counter()
 
-        def process(context: BlockContext) -> dict[str, Any]:
-            return {"layers": score_block(context, settings.scorer, per_layer)}
+        scored: dict[int, dict[str, dict[str, Any]]] = {}  # a block's layer records, until its output exists
 
-        stream_blocks(staged, calibrated.windows, stream, process, run, desc="scores")
+        def process(context: BlockContext) -> dict[str, Any]:
+            scored[context.index] = score_block(context, settings.scorer, per_layer)
+            return {}
+
+        def settle(context: BlockContext) -> dict[str, Any]:
+            cmpq = block_sensitivity(context, settings.scorer)
+            return {"layers": {name: {**record, "cmpq": cmpq} for name, record in scored.pop(context.index).items()}}
+
+        stream_blocks(staged, calibrated.windows, stream, process, run, desc="scores", settle=settle)
         document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
         atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
         run.finish({"seconds": time.perf_counter() - started})
@@ -113,6 +120,17 @@ def score(settings: ScoreSettings) -> Path:
 
     request.execute(record, calibrated.fingerprints, staged.num_blocks, work)
     return settings.out / SCORES_FILE
+
+
+def block_sensitivity(context: BlockContext, scorer: Scorer) -> float:
+    """CMPQ of a propagated block: the canonical correlations of its inputs (after the loop's swap, the outputs
+    buffer) and its outputs (now the inputs buffer), micro-batch by micro-batch."""
+    acts = context.acts
+    correlation = scorer.block_correlation(acts.inputs.shape[-1], context.device)
+    with context.phase("correlate"):
+        for batch in acts.batches():
+            correlation.update(acts.outputs.data[batch].to(context.device), acts.inputs.data[batch].to(context.device))
+        return correlation.sensitivity()
 
 
 def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: bool) -> dict[str, dict[str, Any]]:
