@@ -6,6 +6,7 @@ A method is made from its settings and knows nothing of files, devices or schedu
 one block's phases (streamer/block.py):
 1. asks `statistic(layer)` for an accumulator of what the method needs from the layer's inputs (None: nothing);
    a method that declares `precomputed` tensors (made by an earlier pass, e.g. gradient norms) gets them here too;
+   layers that read one input share one accumulator when the method says it may (`statistic_per_input`);
 2. feeds it every calibration micro-batch's inputs to that layer (`Statistic.update`);
 3. calls `compress(layer, statistic, target)` and writes the returned weight back into the layer.
 A target asks for pruning (sparsity or N:M), quantization (a `QuantSpec`), or both; `check(target)` refuses, before
@@ -133,6 +134,10 @@ class Method(BaseMethod):
 
     prunes: ClassVar[bool] = True  # accepts sparsity and N:M targets
     quantizes: ClassVar[bool] = False  # accepts targets with a quantization grid
+    #: True when `statistic(layer)` depends on nothing of the layer but its in_features and device, and `compress`
+    #: only reads it: then layers that read the same input tensor (q/k/v, gate/up) share one statistic, observed
+    #: once and handed to each of them in turn.
+    statistic_per_input: ClassVar[bool] = False
 
     def check(self, target: Target) -> None:
         """Raise ValueError when this method cannot reach `target` (called before any work is done)."""

@@ -172,6 +172,7 @@ class HessianSweep(Method):
     gram_dtype: str = "float32"
 
     quantizes = True
+    statistic_per_input = True  # the Gram of the inputs; compress factorizes a copy (inverse_cholesky)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
