@@ -115,6 +115,10 @@ class BaseMethod(ABC):
     #: shape of the layer's weight, on its device: "gradient_norms" is ‖∂loss/∂W_ij‖₂ over the calibration windows
     #: (`main.py gradients`). The compress command finds them for each layer; most methods need none.
     precomputed: ClassVar[tuple[str, ...]] = ()
+    #: True when `statistic(layer)` depends on nothing of the layer but its in_features and device, and what
+    #: consumes it only reads it: then layers that read the same input tensor (q/k/v, gate/up) share one statistic,
+    #: observed once and handed to each of them in turn.
+    statistic_per_input: ClassVar[bool] = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -134,10 +138,6 @@ class Method(BaseMethod):
 
     prunes: ClassVar[bool] = True  # accepts sparsity and N:M targets
     quantizes: ClassVar[bool] = False  # accepts targets with a quantization grid
-    #: True when `statistic(layer)` depends on nothing of the layer but its in_features and device, and `compress`
-    #: only reads it: then layers that read the same input tensor (q/k/v, gate/up) share one statistic, observed
-    #: once and handed to each of them in turn.
-    statistic_per_input: ClassVar[bool] = False
 
     def check(self, target: Target) -> None:
         """Raise ValueError when this method cannot reach `target` (called before any work is done)."""

@@ -33,6 +33,7 @@ from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
 from .activations import Activations
+from .adapters import Adapter
 from .errors import LayerpressError
 from .stream import BlockContext
 
@@ -145,6 +146,12 @@ def observe_starved_experts(
         experts.observe_all = set()
 
 
+def statistic_readers(adapter: Adapter, names: Sequence[str], per_input: bool) -> list[tuple[str, ...]]:
+    """`names` by the statistic they share: the layers reading one input (`Adapter.shared_inputs`) together when
+    the method's statistic is the input's (per_input: its `statistic_per_input`), else each layer alone."""
+    return adapter.by_input(names) if per_input else [(name,) for name in names]
+
+
 def compress_block(
     context: BlockContext,
     method: Method,
@@ -174,14 +181,10 @@ def compress_block(
     adapter = context.staged.adapter
     stop_early = adapter.experts is None
 
-    def by_input(names: Sequence[str]) -> list[tuple[str, ...]]:
-        """The layers that share a statistic: those reading one input, if the method's statistic is the input's."""
-        return adapter.by_input(names) if method.statistic_per_input else [(name,) for name in names]
-
     def fresh(names: Sequence[str]) -> dict[str, Statistic]:
-        """A statistic for each layer of `names` that needs one, one object for each set of `by_input`."""
+        """A statistic for each layer of `names` that needs one, one object for the layers sharing it."""
         statistics = {}
-        for readers in by_input(names):
+        for readers in statistic_readers(adapter, names, method.statistic_per_input):
             first = readers[0]
             if (statistic := method.statistic(linears[first], **precomputed.get(first, {}))) is not None:
                 statistics.update(dict.fromkeys(readers, statistic))
@@ -209,7 +212,7 @@ def compress_block(
 
     for group in groups:
         if per_layer_statistics:
-            for readers in reversed(by_input(group)):
+            for readers in reversed(statistic_readers(adapter, group, method.statistic_per_input)):
                 statistics = fresh(readers)
                 if statistics:
                     observe_inputs(statistics)

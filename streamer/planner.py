@@ -47,6 +47,7 @@ from methods.base import LayerCost, Statistic
 from methods.reconstruct import Reconstruction
 
 from . import hostmemory
+from .adapters.base import group_by_input
 from .errors import LayerpressError
 from .model import StagedModel
 
@@ -143,6 +144,7 @@ class ModelShapes:
     vocab: int
     linears: tuple[LinearShape, ...]  # in forward order
     groups: tuple[tuple[str, ...], ...]  # observed and compressed together
+    shared_inputs: tuple[tuple[str, ...], ...]  # layers called with one input tensor (Adapter.shared_inputs)
     consumers: tuple[str, ...]  # the channel groups' consumer layers (structured methods observe only these)
     dtype: torch.dtype  # compute dtype
     converts: bool  # the compute dtype differs from a stored floating dtype (a copy at read and write)
@@ -180,6 +182,7 @@ class ModelShapes:
             vocab=config.vocab_size,
             linears=linears,
             groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
+            shared_inputs=adapter.shared_inputs,
             consumers=tuple(group.consumer for group in adapter.channel_groups),
             dtype=dtype,
             converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in staged.checkpoint.entries.values()),
@@ -434,37 +437,54 @@ class Planner:
     def block_layers(self) -> list[LayerNeeds]:
         return [self.layers[name] for group in self.shapes.groups for name in group]
 
+    def by_input(self, group: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """The group's layers by the statistic they observe, as streamer/block.py makes them: one per distinct
+        input when the method's statistic is the input's (`statistic_per_input`), else one per layer."""
+        if self.workload.method is not None and self.workload.method.statistic_per_input:
+            return group_by_input(group, self.shapes.shared_inputs)
+        return [(name,) for name in group]
+
+    def observed_inputs(self) -> list[tuple[str, ...]]:
+        """Every group's layers by the statistic they observe (the first of each tuple stands for them all)."""
+        return [readers for group in self.shapes.groups for readers in self.by_input(group)]
+
     def _statistics_peaks(self, choice: Choice, tokens: int) -> tuple[dict[str, int], dict[str, int]]:
-        """The largest observe and compress parts over every group and layer, as streamer/block.py holds them: the
-        results of the layers compressed before stay until the block is written."""
+        """The largest observe and compress parts over every group and layer, as streamer/block.py holds them: one
+        statistic per distinct input (`by_input`), kept until the last layer reading it is compressed; the results
+        of the layers compressed before stay until the block is written. Per layer, the inputs go last to first."""
         transient = self.forward_transient(choice.micro_batch)
         observe_peaks: list[dict[str, int]] = []
         compress_peaks: list[dict[str, int]] = []
         kept_before_group = 0
         for group in self.shapes.groups:
-            needs = [self.layers[name] for name in group]
-            for index, layer in enumerate(needs):
-                waiting = layer.statistic if choice.per_layer_statistics else sum(n.statistic for n in needs[index:])
-                factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
-                done = needs[index + 1:] if choice.per_layer_statistics else needs[:index]  # per layer: backwards
-                kept = kept_before_group + sum(n.cost.kept_bytes for n in done)
-                compress_peaks.append({
-                    "statistics": waiting,
-                    f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
-                    KEPT_RESULTS: kept,
-                })
+            inputs = self.by_input(group)
+            order = list(reversed(inputs)) if choice.per_layer_statistics else inputs
+            statistic = {readers: self.layers[readers[0]].statistic for readers in inputs}
+            kept = kept_before_group
+            for position, readers in enumerate(order):
+                copy = tokens * max(self.layers[name].cost.update_bytes_per_token for name in readers)
                 if choice.per_layer_statistics:
-                    observe_peaks.append({
-                        "statistics": layer.statistic, "forward transients": transient,
-                        "statistic input copy": tokens * layer.cost.update_bytes_per_token, KEPT_RESULTS: kept,
+                    observe_peaks.append({"statistics": statistic[readers], "forward transients": transient,
+                                          "statistic input copy": copy, KEPT_RESULTS: kept})
+                for name in readers:
+                    layer = self.layers[name]
+                    waiting = statistic[readers] + (0 if choice.per_layer_statistics
+                                                    else sum(statistic[later] for later in order[position + 1:]))
+                    factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
+                    compress_peaks.append({
+                        "statistics": waiting,
+                        f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
+                        KEPT_RESULTS: kept,
                     })
+                    kept += layer.cost.kept_bytes
             if not choice.per_layer_statistics:
                 observe_peaks.append({
-                    "statistics": sum(n.statistic for n in needs), "forward transients": transient,
-                    "statistic input copy": tokens * max(n.cost.update_bytes_per_token for n in needs),
+                    "statistics": sum(statistic.values()), "forward transients": transient,
+                    "statistic input copy": tokens * max(self.layers[name].cost.update_bytes_per_token
+                                                         for name in group),
                     KEPT_RESULTS: kept_before_group,
                 })
-            kept_before_group += sum(n.cost.kept_bytes for n in needs)
+            kept_before_group = kept
         return max(observe_peaks, key=lambda p: sum(p.values())), max(compress_peaks, key=lambda p: sum(p.values()))
 
     def shortfall(self, phases: list[PhaseMemory]) -> str | None:
@@ -494,7 +514,8 @@ class Planner:
         if per_layer_statistics is not None:
             statistics = [per_layer_statistics]
         else:
-            statistics = [False, True] if sum(1 for n in self.layers.values() if n.statistic) > 1 else [False]
+            observed = [readers for readers in self.observed_inputs() if self.layers[readers[0]].statistic]
+            statistics = [False, True] if len(observed) > 1 else [False]
         if w.command == "gradients":  # every block's inputs are kept for the backward walk: always on disk
             places = ["disk"]
         elif activations:
@@ -695,10 +716,11 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         seconds += forward * _observed_fraction(planner, choice) / speed.matmul
         if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work
             seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / speed.matmul
+        for readers in planner.observed_inputs():  # a statistic's updates, once for the layers sharing it
+            seconds += tokens * planner.layers[readers[0]].cost.update_flops_per_token / speed.matmul32
         for layer in planner.layers.values():
             cost = layer.cost
-            seconds += (tokens * cost.update_flops_per_token + cost.matmul_flops) / speed.matmul32
-            seconds += cost.factor_flops / speed.factor
+            seconds += cost.matmul_flops / speed.matmul32 + cost.factor_flops / speed.factor
             seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
     buffer = planner.activation_buffer_bytes()
     writes = w.command == "compress"
@@ -715,14 +737,14 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
 
 def _observed_fraction(planner: Planner, choice: Choice) -> float:
     """Block forwards spent observing: each observation stops once its layers have their inputs, so it costs the
-    share of the block's matmuls that come before the last of them."""
+    share of the block's matmuls that come before the last of them (per layer: one observation per input)."""
     linears = planner.shapes.linears
     before, total = {}, 0.0
     for linear in linears:
         before[linear.name] = total
         total += linear.rows * linear.columns
     if choice.per_layer_statistics:
-        return sum(before.values()) / total
+        return sum(max(before[name] for name in readers) for readers in planner.observed_inputs()) / total
     return sum(max(before[name] for name in group) for group in planner.shapes.groups) / total
 
 
