@@ -91,7 +91,9 @@ class LayerCost:
     update_flops_per_token, update_bytes_per_token: the statistic's work per calibration token, and the transient
         copy of a micro-batch's inputs it makes;
     update_precision: what that work's matrix products run in ("float32", "tf32" or "bfloat16": a Gram's
-        gram_dtype), so that it can be timed at that precision's rate.
+        gram_dtype), so that it can be timed at that precision's rate;
+    update_moved_bytes_per_token: memory traffic of the update per token beyond its products' own (a bfloat16
+        Gram adds each chunk's product into the float32 sum), timed at the device's bandwidth.
     """
 
     working_bytes: int
@@ -104,6 +106,7 @@ class LayerCost:
     update_flops_per_token: float = 0.0
     update_bytes_per_token: int = 0
     update_precision: str = "float32"
+    update_moved_bytes_per_token: float = 0.0
 
 
 class BaseMethod(ABC):

@@ -267,6 +267,7 @@ class HessianSweep(Method):
             update_flops_per_token=2.0 * columns * columns,
             update_bytes_per_token=Gram.update_bytes_per_token(columns, dtype, self.gram_dtype),
             update_precision=self.gram_dtype,
+            update_moved_bytes_per_token=Gram.update_moved_bytes_per_token(columns, self.gram_dtype),
         )
 
 
