@@ -236,7 +236,7 @@ class Choice:
 
     micro_batch: int
     activations: str  # "device", "host" or "disk" (memory-mapped files)
-    per_layer_statistics: bool  # observe one layer at a time instead of a whole group at once
+    per_layer_statistics: bool  # observe one input (its layers) at a time, not a whole group
 
     def describe(self, device_type: str, statistics: bool = True) -> str:
         """statistics: whether the pass observes per-layer statistics (eval and gradients do not)."""
