@@ -6,6 +6,7 @@ A method is made from its settings and knows nothing of files, devices or schedu
 one block's phases (streamer/block.py):
 1. asks `statistic(layer)` for an accumulator of what the method needs from the layer's inputs (None: nothing);
    a method that declares `precomputed` tensors (made by an earlier pass, e.g. gradient norms) gets them here too;
+   layers that read one input share one accumulator when the method says it may (`statistic_per_input`);
 2. feeds it every calibration micro-batch's inputs to that layer (`Statistic.update`);
 3. calls `compress(layer, statistic, target)` and writes the returned weight back into the layer.
 A target asks for pruning (sparsity or N:M), quantization (a `QuantSpec`), or both; `check(target)` refuses, before
@@ -90,7 +91,9 @@ class LayerCost:
     update_flops_per_token, update_bytes_per_token: the statistic's work per calibration token, and the transient
         copy of a micro-batch's inputs it makes;
     update_precision: what that work's matrix products run in ("float32", "tf32" or "bfloat16": a Gram's
-        gram_dtype), so that it can be timed at that precision's rate.
+        gram_dtype), so that it can be timed at that precision's rate;
+    update_moved_bytes_per_token: memory traffic of the update per token beyond its products' own (a bfloat16
+        Gram adds each chunk's product into the float32 sum), timed at the device's bandwidth.
     """
 
     working_bytes: int
@@ -103,6 +106,7 @@ class LayerCost:
     update_flops_per_token: float = 0.0
     update_bytes_per_token: int = 0
     update_precision: str = "float32"
+    update_moved_bytes_per_token: float = 0.0
 
 
 class BaseMethod(ABC):
@@ -114,6 +118,10 @@ class BaseMethod(ABC):
     #: shape of the layer's weight, on its device: "gradient_norms" is ‖∂loss/∂W_ij‖₂ over the calibration windows
     #: (`main.py gradients`). The compress command finds them for each layer; most methods need none.
     precomputed: ClassVar[tuple[str, ...]] = ()
+    #: True when `statistic(layer)` depends on nothing of the layer but its in_features and device, and what
+    #: consumes it only reads it: then layers that read the same input tensor (q/k/v, gate/up) share one statistic,
+    #: observed once and handed to each of them in turn.
+    statistic_per_input: ClassVar[bool] = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

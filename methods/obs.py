@@ -172,6 +172,7 @@ class HessianSweep(Method):
     gram_dtype: str = "float32"
 
     quantizes = True
+    statistic_per_input = True  # the Gram of the inputs; compress factorizes a copy (inverse_cholesky)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -266,6 +267,7 @@ class HessianSweep(Method):
             update_flops_per_token=2.0 * columns * columns,
             update_bytes_per_token=Gram.update_bytes_per_token(columns, dtype, self.gram_dtype),
             update_precision=self.gram_dtype,
+            update_moved_bytes_per_token=Gram.update_moved_bytes_per_token(columns, self.gram_dtype),
         )
 
 

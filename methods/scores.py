@@ -151,6 +151,7 @@ class Scorer:
 
     name: ClassVar[str] = "scores"
     precomputed: ClassVar[tuple[str, ...]] = ()
+    statistic_per_input: ClassVar[bool] = True  # a Gram; score_layer factorizes and sweeps copies of it
 
     def __post_init__(self) -> None:
         if not self.sparsities or not all(0.0 <= s < 1.0 for s in self.sparsities):

@@ -51,7 +51,7 @@ class Gram(Statistic):
                 self._add_low_precision(chunk.to(torch.bfloat16))
         else:
             flat = flat.float()
-            with _tf32_products(flat.is_cuda and self.gram_dtype == "tf32"):
+            with tf32_products(flat.is_cuda and self.gram_dtype == "tf32"):
                 self._sum.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
 
@@ -73,6 +73,15 @@ class Gram(Statistic):
             return 0 if dtype == torch.float32 else 4 * columns
         return (0 if dtype == torch.bfloat16 else 2 * columns) + (2 + 4) * columns
 
+    @classmethod
+    def update_moved_bytes_per_token(cls, columns: int, gram_dtype: str = "float32") -> float:
+        """Memory traffic per token of the bfloat16 update beyond its products: every chunk writes and reads back
+        its bfloat16 product (2 + 2 bytes per entry) and reads and writes the float32 sum (4 + 4), so 12·n² bytes
+        per BF16_CHUNK tokens. At 1024 tokens that is 6 bytes per 1,000 flops: on an A100 (1.5 TB/s, 200 TFLOP/s
+        assumed) the traffic takes 80% as long as the products. A float32 update adds into the sum once per
+        micro-batch, which is left out."""
+        return 12.0 * columns * columns / cls.BF16_CHUNK if gram_dtype == "bfloat16" else 0.0
+
     @property
     def gram(self) -> torch.Tensor:
         """XᵀX itself (not a copy): solvers scale it into their own working matrix, saving a copy of n² floats."""
@@ -88,7 +97,7 @@ class Gram(Statistic):
         return self._sum * self.scale
 
 
-def _tf32_products(enabled: bool) -> AbstractContextManager:
+def tf32_products(enabled: bool) -> AbstractContextManager:
     """Float32 products on CUDA in TF32 inside the block only (torch ≥ 2.9 spells it `fp32_precision`; mixing it
     with the older `allow_tf32` in one process is an error, so only the one this torch has is touched)."""
     matmul = torch.backends.cuda.matmul

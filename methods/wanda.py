@@ -16,6 +16,7 @@ from .statistics import ColumnNorms
 class Wanda(Method):
     name = "wanda"
     summary = "prune by |W|·‖X‖ within each output row (calibration activations, no weight update)"
+    statistic_per_input = True
 
     def statistic(self, layer: nn.Linear) -> ColumnNorms:
         return ColumnNorms(layer)

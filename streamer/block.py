@@ -4,7 +4,9 @@ The block loop (streamer/stream.py) reads the block, hands it over as a `BlockCo
 and records it; what happens in between is here, and only the order of phases is: the maths is the method's.
 
 Observe runs the calibration inputs through the block with hooks that feed each linear layer's inputs to the
-method's statistics, stopping each micro-batch's forward as soon as its layers have their inputs. Compress replaces
+method's statistics, stopping each micro-batch's forward as soon as its layers have their inputs. Layers that read
+one input tensor (the adapter's `shared_inputs`: q/k/v, gate/up) share one statistic when the method allows it
+(`Method.statistic_per_input`): it is observed once and each of them is compressed from it. Compress replaces
 each layer's weight with the method's result. With --true-sequential, observe and compress run once per group of
 layers (q/k/v, then the output projection, ...), so each group sees inputs that already went through compressed
 groups. With --reconstruct, the first observation also keeps the dense block's outputs (in the outputs buffer,
@@ -18,6 +20,7 @@ In a mixture of experts, an expert's layers see only the tokens the router sends
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Callable
@@ -30,6 +33,7 @@ from methods.base import Statistic
 from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 
 from .activations import Activations
+from .adapters import Adapter
 from .errors import LayerpressError
 from .stream import BlockContext
 
@@ -53,12 +57,32 @@ def observe(
 
     stop_early: raise LayersObserved once the last of these layers has its inputs (`run_block` must catch it for
     each micro-batch, as `forward_until_observed` does); not for experts' layers, which a micro-batch may not call.
+
+    Layers given one statistic object must read one input: it is fed by the first of them the forward calls, and
+    each of the others must then be called with that very tensor before it is fed again, else LayerpressError
+    (sharing is exact or refused, never approximate).
     """
     waiting: set[str] = set(statistics)
     tokens = dict.fromkeys(statistics, 0)
+    readers: dict[int, set[str]] = {}
+    for name, statistic in statistics.items():
+        readers.setdefault(id(statistic), set()).add(name)
+    unread: dict[int, tuple[weakref.ref, set[str]]] = {}  # a shared statistic's last input, readers yet to see it
 
     def feed(name: str, statistic: Statistic, inputs: torch.Tensor) -> None:
-        statistic.update(inputs)
+        key = id(statistic)
+        if key in unread:
+            fed, rest = unread[key]
+            if name not in rest or fed() is not inputs:
+                raise LayerpressError(f"layers {', '.join(sorted(readers[key]))} are declared to read one input, "
+                                      f"but {name} was called with another")
+            rest.discard(name)
+            if not rest:
+                del unread[key]
+        else:
+            statistic.update(inputs)
+            if len(readers[key]) > 1:
+                unread[key] = (weakref.ref(inputs), readers[key] - {name})
         tokens[name] += inputs.numel() // inputs.shape[-1]
         waiting.discard(name)
         if stop_early and not waiting:
@@ -94,11 +118,12 @@ def observe_starved_experts(
     statistics: dict[str, Statistic],
     tokens: dict[str, int],
     min_tokens: int,
-    fresh: Callable[[str], Statistic],
+    fresh: Callable[[list[str]], dict[str, Statistic]],
 ) -> None:
     """The rule for experts the router sends few or no calibration tokens: an expert whose layers saw fewer than
     `min_tokens` takes its statistics from every calibration token instead (its layers observed again, the block's
-    output keeping the real routing), logged with its token count. Replaces those layers' `statistics`."""
+    output keeping the real routing), logged with its token count. Replaces those layers' `statistics` with
+    `fresh(names)`'s."""
     layout = context.staged.adapter.experts
     if layout is None:
         return
@@ -111,14 +136,20 @@ def observe_starved_experts(
                  "statistics from all %d calibration tokens", context.index + 1, expert, count, min_tokens,
                  context.acts.inputs.shape[0] * context.acts.inputs.shape[1])
     for name in starved:
-        del statistics[name]  # freed before its replacement is made: the plan holds one statistic per layer
-        statistics[name] = fresh(name)
+        del statistics[name]  # freed before its replacement is made: the plan holds one statistic per input
+    statistics.update(fresh(starved))
     experts = context.block.get_submodule(layout.path)
     experts.observe_all = set(counts)
     try:
         observe(context.linears, {name: statistics[name] for name in starved}, forward_until_observed(context))
     finally:
         experts.observe_all = set()
+
+
+def statistic_readers(adapter: Adapter, names: Sequence[str], per_input: bool) -> list[tuple[str, ...]]:
+    """`names` by the statistic they share: the layers reading one input (`Adapter.shared_inputs`) together when
+    the method's statistic is the input's (per_input: its `statistic_per_input`), else each layer alone."""
+    return adapter.by_input(names) if per_input else [(name,) for name in names]
 
 
 def compress_block(
@@ -134,9 +165,10 @@ def compress_block(
     """Compress every linear layer of the block in place, group by group; returns each layer's result, whose weight
     is the layer's own (installed, not a copy).
 
-    per_layer_statistics: observe one layer of a group at a time (one statistic in memory instead of the group's).
-    The layers are taken from the last to the first: a layer's inputs depend only on the layers before it, so each
-    result goes in at once and every layer is still observed on the inputs it has when the group is observed at once.
+    per_layer_statistics: observe one input of a group at a time (one statistic in memory instead of the group's:
+    a layer's, or the one its layers share). The inputs are taken from the last to the first: a layer's inputs depend
+    only on the layers before it, so each result goes in at once and every layer is still observed on the inputs it
+    has when the group is observed at once.
     keep_dense_outputs: leave the dense block's outputs in acts.outputs (the first observation, which runs before
     anything is compressed, runs whole and stores them; a method that observes nothing gets one forward for them).
     precomputed: by layer name, the tensors the method's `statistic` takes besides the layer (see Method.precomputed).
@@ -146,10 +178,17 @@ def compress_block(
     precomputed = precomputed or {}
     results = {}
     dense_outputs_pending = keep_dense_outputs
-    stop_early = context.staged.adapter.experts is None
+    adapter = context.staged.adapter
+    stop_early = adapter.experts is None
 
-    def fresh(name: str) -> Statistic:
-        return method.statistic(linears[name], **precomputed.get(name, {}))
+    def fresh(names: Sequence[str]) -> dict[str, Statistic]:
+        """A statistic for each layer of `names` that needs one, one object for the layers sharing it."""
+        statistics = {}
+        for readers in statistic_readers(adapter, names, method.statistic_per_input):
+            first = readers[0]
+            if (statistic := method.statistic(linears[first], **precomputed.get(first, {}))) is not None:
+                statistics.update(dict.fromkeys(readers, statistic))
+        return statistics
 
     def observe_inputs(statistics: dict[str, Statistic]) -> None:
         """Observe the layers of `statistics` (experts starved of tokens: again, on all; see the rule above)."""
@@ -173,16 +212,17 @@ def compress_block(
 
     for group in groups:
         if per_layer_statistics:
-            for name in reversed(group):
-                statistics = {name: fresh(name)}
-                if statistics[name] is not None:
+            for readers in reversed(statistic_readers(adapter, group, method.statistic_per_input)):
+                statistics = fresh(readers)
+                if statistics:
                     observe_inputs(statistics)
-                compress_layer(name, statistics.pop(name))
+                for name in readers:
+                    compress_layer(name, statistics.pop(name, None))
         else:
-            observed = {name: statistic for name in group if (statistic := fresh(name)) is not None}
+            observed = fresh(group)
             if observed:
                 observe_inputs(observed)  # starved experts' statistics are replaced in it
-            for name in group:  # each statistic is dropped as soon as its layer is done
+            for name in group:  # each statistic is dropped as soon as its last layer is done
                 compress_layer(name, observed.pop(name, None))
     return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 

@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Callable
 
 import psutil
@@ -45,8 +46,10 @@ from torch import nn
 from methods import Method, StructuredMethod, Target
 from methods.base import LayerCost, Statistic
 from methods.reconstruct import Reconstruction
+from methods.statistics import tf32_products
 
 from . import hostmemory
+from .adapters.base import group_by_input
 from .errors import LayerpressError
 from .model import StagedModel
 
@@ -143,6 +146,7 @@ class ModelShapes:
     vocab: int
     linears: tuple[LinearShape, ...]  # in forward order
     groups: tuple[tuple[str, ...], ...]  # observed and compressed together
+    shared_inputs: tuple[tuple[str, ...], ...]  # layers called with one input tensor (Adapter.shared_inputs)
     consumers: tuple[str, ...]  # the channel groups' consumer layers (structured methods observe only these)
     dtype: torch.dtype  # compute dtype
     converts: bool  # the compute dtype differs from a stored floating dtype (a copy at read and write)
@@ -180,6 +184,7 @@ class ModelShapes:
             vocab=config.vocab_size,
             linears=linears,
             groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
+            shared_inputs=adapter.shared_inputs,
             consumers=tuple(group.consumer for group in adapter.channel_groups),
             dtype=dtype,
             converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in staged.checkpoint.entries.values()),
@@ -231,7 +236,7 @@ class Choice:
 
     micro_batch: int
     activations: str  # "device", "host" or "disk" (memory-mapped files)
-    per_layer_statistics: bool  # observe one layer at a time instead of a whole group at once
+    per_layer_statistics: bool  # observe one input (its layers) at a time, not a whole group
 
     def describe(self, device_type: str, statistics: bool = True) -> str:
         """statistics: whether the pass observes per-layer statistics (eval and gradients do not)."""
@@ -437,37 +442,54 @@ class Planner:
     def block_layers(self) -> list[LayerNeeds]:
         return [self.layers[name] for group in self.shapes.groups for name in group]
 
+    def by_input(self, group: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """The group's layers by the statistic they observe, as streamer/block.py makes them: one per distinct
+        input when the method's statistic is the input's (`statistic_per_input`), else one per layer."""
+        if self.workload.method is not None and self.workload.method.statistic_per_input:
+            return group_by_input(group, self.shapes.shared_inputs)
+        return [(name,) for name in group]
+
+    def observed_inputs(self) -> list[tuple[str, ...]]:
+        """Every group's layers by the statistic they observe (the first of each tuple stands for them all)."""
+        return [readers for group in self.shapes.groups for readers in self.by_input(group)]
+
     def _statistics_peaks(self, choice: Choice, tokens: int) -> tuple[dict[str, int], dict[str, int]]:
-        """The largest observe and compress parts over every group and layer, as streamer/block.py holds them: the
-        results of the layers compressed before stay until the block is written."""
+        """The largest observe and compress parts over every group and layer, as streamer/block.py holds them: one
+        statistic per distinct input (`by_input`), kept until the last layer reading it is compressed; the results
+        of the layers compressed before stay until the block is written. Per layer, the inputs go last to first."""
         transient = self.forward_transient(choice.micro_batch)
         observe_peaks: list[dict[str, int]] = []
         compress_peaks: list[dict[str, int]] = []
         kept_before_group = 0
         for group in self.shapes.groups:
-            needs = [self.layers[name] for name in group]
-            for index, layer in enumerate(needs):
-                waiting = layer.statistic if choice.per_layer_statistics else sum(n.statistic for n in needs[index:])
-                factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
-                done = needs[index + 1:] if choice.per_layer_statistics else needs[:index]  # per layer: backwards
-                kept = kept_before_group + sum(n.cost.kept_bytes for n in done)
-                compress_peaks.append({
-                    "statistics": waiting,
-                    f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
-                    KEPT_RESULTS: kept,
-                })
+            inputs = self.by_input(group)
+            order = list(reversed(inputs)) if choice.per_layer_statistics else inputs
+            statistic = {readers: self.layers[readers[0]].statistic for readers in inputs}
+            kept = kept_before_group
+            for position, readers in enumerate(order):
+                copy = tokens * max(self.layers[name].cost.update_bytes_per_token for name in readers)
                 if choice.per_layer_statistics:
-                    observe_peaks.append({
-                        "statistics": layer.statistic, "forward transients": transient,
-                        "statistic input copy": tokens * layer.cost.update_bytes_per_token, KEPT_RESULTS: kept,
+                    observe_peaks.append({"statistics": statistic[readers], "forward transients": transient,
+                                          "statistic input copy": copy, KEPT_RESULTS: kept})
+                for name in readers:
+                    layer = self.layers[name]
+                    waiting = statistic[readers] + (0 if choice.per_layer_statistics
+                                                    else sum(statistic[later] for later in order[position + 1:]))
+                    factored = 4 * layer.cost.factored**2 if self.on_gpu else 0  # CUDA's solvers copy their input
+                    compress_peaks.append({
+                        "statistics": waiting,
+                        f"method working memory ({layer.linear.name})": layer.cost.working_bytes + factored,
+                        KEPT_RESULTS: kept,
                     })
+                    kept += layer.cost.kept_bytes
             if not choice.per_layer_statistics:
                 observe_peaks.append({
-                    "statistics": sum(n.statistic for n in needs), "forward transients": transient,
-                    "statistic input copy": tokens * max(n.cost.update_bytes_per_token for n in needs),
+                    "statistics": sum(statistic.values()), "forward transients": transient,
+                    "statistic input copy": tokens * max(self.layers[name].cost.update_bytes_per_token
+                                                         for name in group),
                     KEPT_RESULTS: kept_before_group,
                 })
-            kept_before_group += sum(n.cost.kept_bytes for n in needs)
+            kept_before_group = kept
         return max(observe_peaks, key=lambda p: sum(p.values())), max(compress_peaks, key=lambda p: sum(p.values()))
 
     def shortfall(self, phases: list[PhaseMemory]) -> str | None:
@@ -497,7 +519,8 @@ class Planner:
         if per_layer_statistics is not None:
             statistics = [per_layer_statistics]
         else:
-            statistics = [False, True] if sum(1 for n in self.layers.values() if n.statistic) > 1 else [False]
+            observed = [readers for readers in self.observed_inputs() if self.layers[readers[0]].statistic]
+            statistics = [False, True] if len(observed) > 1 else [False]
         if w.command == "gradients":  # every block's inputs are kept for the backward walk: always on disk
             places = ["disk"]
         elif activations:
@@ -557,14 +580,27 @@ def plan_run(
 class Speed:
     """Measured throughput of a machine, for the time estimate."""
 
-    matmul: float  # FLOP/s of a matmul in the compute dtype, on the device
-    matmul32: float  # FLOP/s of a float32 matmul, on the device (statistics, sweeps)
+    matmul: float  # FLOP/s of a matmul in a 16-bit compute dtype (probed: in the compute dtype), on the device
+    matmul32: float  # FLOP/s of a float32 matmul, on the device (statistics, sweeps, a float32 forward)
     factor: float  # FLOP/s of a float32 Cholesky factorization, on the device
     op_latency: float  # seconds of one small operation on the device
     bandwidth: float  # bytes/s an elementwise operation moves on the device
     read: float  # bytes/s read from disk with a cold page cache
     write: float  # bytes/s written to disk and fsynced
     how: str = ""
+    matmul_tf32: float = 0.0  # FLOP/s of a float32 matmul on TF32 tensor cores (0: none, as on a CPU)
+    matmul_bf16: float = 0.0  # FLOP/s of a bfloat16 matmul accumulating in float32 (0: not known)
+
+    def forward_rate(self, dtype: torch.dtype) -> float:
+        """The block forward's matmul rate in compute `dtype`: float32 forwards run without TF32 (torch's default
+        for matmuls), 16-bit ones at `matmul`."""
+        return self.matmul32 if dtype == torch.float32 else self.matmul
+
+    def statistic_rate(self, precision: str) -> float:
+        """The rate of a statistic's products in `precision` (LayerCost.update_precision): TF32 or bfloat16 where
+        they are known, else float32's (a CPU's TF32 is float32; an unknown bfloat16 rate is not assumed)."""
+        rate = {"tf32": self.matmul_tf32, "bfloat16": self.matmul_bf16}.get(precision, 0.0)
+        return rate or self.matmul32
 
     @classmethod
     def load(cls, path: Path) -> Speed:
@@ -609,13 +645,22 @@ def _rate(
     return best, best_size
 
 
-def probe_speed(device: torch.device, dtype: torch.dtype, scratch: Path | None = None) -> Speed:
-    """Measure this machine: matmuls, a Cholesky, small ops and copies on the device, a file on disk (~5-10 s)."""
+def probe_speed(
+    device: torch.device, dtype: torch.dtype, scratch: Path | None = None, precisions: Collection[str] = ()
+) -> Speed:
+    """Measure this machine: matmuls, a Cholesky, small ops and copies on the device, a file on disk (~5-10 s).
 
-    def matmul(kind: torch.dtype) -> Callable[[int], Callable[[], object]]:
+    precisions: the statistics' product precisions the plan times (LayerCost.update_precision): a bfloat16 matmul
+    is probed for "bfloat16" (unless the compute dtype is bfloat16, already probed), a TF32 one on CUDA for "tf32"."""
+
+    def matmul(kind: torch.dtype, tf32: bool = False) -> Callable[[int], Callable[[], object]]:
         def make(size: int) -> Callable[[], object]:
             a = torch.randn(size, size, device=device).to(kind)
-            return lambda: a @ a
+
+            def run() -> torch.Tensor:
+                with tf32_products(tf32):
+                    return a @ a
+            return run
         return make
 
     def cholesky(size: int) -> Callable[[], object]:
@@ -625,6 +670,12 @@ def probe_speed(device: torch.device, dtype: torch.dtype, scratch: Path | None =
 
     matmul32_rate, matmul_size = _rate(matmul(torch.float32), lambda n: 2.0 * n**3, device)
     matmul_rate = matmul32_rate if dtype == torch.float32 else _rate(matmul(dtype), lambda n: 2.0 * n**3, device)[0]
+    bf16_rate = matmul_rate if dtype == torch.bfloat16 else 0.0
+    if not bf16_rate and "bfloat16" in precisions:
+        bf16_rate = _rate(matmul(torch.bfloat16), lambda n: 2.0 * n**3, device)[0]
+    tf32_rate = 0.0
+    if device.type == "cuda" and "tf32" in precisions:
+        tf32_rate = _rate(matmul(torch.float32, tf32=True), lambda n: 2.0 * n**3, device)[0]
     factor_rate, factor_size = _rate(cholesky, lambda n: n**3 / 3.0, device)
     small = torch.zeros(1024, device=device)
     latency = _seconds(lambda: [small.add_(1.0) for _ in range(200)], device) / 200
@@ -632,10 +683,12 @@ def probe_speed(device: torch.device, dtype: torch.dtype, scratch: Path | None =
     copy = torch.empty_like(big)
     bandwidth = 2 * big.nbytes / _seconds(lambda: copy.copy_(big), device)
     read, write, where = _disk_speed(scratch)
-    other = "" if dtype == torch.float32 else f" and {str(dtype).removeprefix('torch.')}"
+    kinds = dict.fromkeys([str(dtype).removeprefix("torch."), *(["bfloat16"] if bf16_rate else []),
+                           *(["tf32"] if tf32_rate else [])])
+    other = "".join(f" and {kind}" for kind in kinds if kind != "float32")
     how = (f"probed in this process on {device}: matmuls up to {matmul_size}² in float32{other}, Cholesky up to {factor_size}², 200 small ops, a 128 MiB copy; "
            f"disk: 64 MiB written to {where} with fsync, evicted from the page cache and read back")
-    return Speed(matmul_rate, matmul32_rate, factor_rate, latency, bandwidth, read, write, how)
+    return Speed(matmul_rate, matmul32_rate, factor_rate, latency, bandwidth, read, write, how, tf32_rate, bf16_rate)
 
 
 def _disk_speed(scratch: Path | None, size: int = 64 * 2**20) -> tuple[float, float, str]:
@@ -687,21 +740,25 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
     s, w = planner.shapes, planner.workload
     tokens = w.nsamples * w.seqlen
     forward = tokens * (2.0 * s.linear_parameters + 4.0 * w.seqlen * s.hidden)
-    seconds = forward / speed.matmul  # propagate
+    matmul = speed.forward_rate(s.dtype)
+    seconds = forward / matmul  # propagate
     passes = 2 if w.structured else 1  # flap reads and writes every block in its pruning pass too
     if w.command == "gradients":  # the forward again with autograd, its backward (twice its work), and every
         # window's weight gradient of every layer (a forward's work), in float32
-        seconds += 3 * forward / speed.matmul + forward / speed.matmul32
+        seconds += 3 * forward / matmul + forward / speed.matmul32
     elif w.structured:
-        seconds += forward / speed.matmul  # the statistics pass observes the whole block
+        seconds += forward / matmul  # the statistics pass observes the whole block
     elif w.method is not None:
-        seconds += forward * _observed_fraction(planner, choice) / speed.matmul
+        seconds += forward * _observed_fraction(planner, choice) / matmul
         if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work
-            seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / speed.matmul
+            seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / matmul
+        for readers in planner.observed_inputs():  # a statistic's updates, once for the layers sharing it
+            cost = planner.layers[readers[0]].cost
+            seconds += tokens * (cost.update_flops_per_token / speed.statistic_rate(cost.update_precision)
+                                 + cost.update_moved_bytes_per_token / speed.bandwidth)
         for layer in planner.layers.values():
             cost = layer.cost
-            seconds += (tokens * cost.update_flops_per_token + cost.matmul_flops) / speed.matmul32
-            seconds += cost.factor_flops / speed.factor
+            seconds += cost.matmul_flops / speed.matmul32 + cost.factor_flops / speed.factor
             seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
     buffer = planner.activation_buffer_bytes()
     writes = w.command == "compress"
@@ -710,7 +767,7 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         compute=seconds,
         write=s.block_stored_bytes / speed.write if writes else 0.0,
         persist=buffer / speed.write if w.command != "eval" else 0.0,
-        embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / speed.matmul,
+        embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / matmul,
         blocks=s.blocks,
         prefetch=planner.prefetch,
     )
@@ -718,14 +775,14 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
 
 def _observed_fraction(planner: Planner, choice: Choice) -> float:
     """Block forwards spent observing: each observation stops once its layers have their inputs, so it costs the
-    share of the block's matmuls that come before the last of them."""
+    share of the block's matmuls that come before the last of them (per layer: one observation per input)."""
     linears = planner.shapes.linears
     before, total = {}, 0.0
     for linear in linears:
         before[linear.name] = total
         total += linear.rows * linear.columns
     if choice.per_layer_statistics:
-        return sum(before.values()) / total
+        return sum(max(before[name] for name in readers) for readers in planner.observed_inputs()) / total
     return sum(max(before[name] for name in group) for group in planner.shapes.groups) / total
 
 

@@ -217,3 +217,26 @@ def test_buffers_are_saved_and_loaded_in_chunks(tmp_path, monkeypatch):
     copy = ActivationBuffer((3, 7, 11), torch.bfloat16, device=torch.device("cpu"))
     copy.load(tmp_path / "inputs.bin")
     assert torch.equal(copy.data, source.data)
+
+
+def test_the_time_estimate_counts_each_gram_once_at_its_precisions_rate(tiny_checkpoints):
+    """A Gram's accumulation is timed once per distinct input, at the rate of its gram_dtype (and a bfloat16
+    Gram's chunk traffic at the bandwidth); a float32 forward at the float32 rate."""
+    speed = Speed(1e12, 1e11, 2e10, 1e-5, 1e10, 1e9, 5e8, matmul_tf32=4e11, matmul_bf16=8e11)
+    choice = Choice(1, "host", False)
+    tokens, staged = 16 * 256, StagedModel(Checkpoint(tiny_checkpoints["llama"]), torch.device("cpu"))
+    linears = staged.linears(staged.blocks[0])
+    inputs = [linears[readers[0]].in_features for readers in staged.adapter.by_input(staged.adapter.linear_names)]
+    assert len(inputs) == 4  # q/k/v, o, gate/up, down
+
+    def compute(gram_dtype: str) -> float:
+        workload = Workload(METHODS["sparsegpt"](gram_dtype=gram_dtype), Target(sparsity=0.5), 16, 256)
+        planner = Planner(shapes_of(tiny_checkpoints["llama"]), workload, "cuda", Budget(BIG, BIG), PROCESS)
+        return planner_module.estimate_time(planner, choice, speed).compute
+
+    flops = sum(2.0 * tokens * n * n for n in inputs)
+    moved = sum(12.0 * tokens * n * n / Gram.BF16_CHUNK for n in inputs)
+    assert compute("float32") - compute("tf32") == pytest.approx(flops / 1e11 - flops / 4e11)
+    assert compute("float32") - compute("bfloat16") == pytest.approx(flops / 1e11 - flops / 8e11 - moved / 1e10)
+    assert speed.forward_rate(torch.float32) == 1e11 and speed.forward_rate(torch.bfloat16) == 1e12
+    assert Speed(1e12, 1e11, 2e10, 1e-5, 1e10, 1e9, 5e8).statistic_rate("bfloat16") == 1e11  # not assumed

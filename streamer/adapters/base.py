@@ -8,6 +8,7 @@ linear layers a block has, in the order its forward uses them, and which of thei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,8 +92,12 @@ class Adapter:
     unprunable: why the family declares no channel group (named in structured pruning's refusal), if it declares none.
     logit_softcap_key: config attribute of the cap the head applies to its logits (cap · tanh(logits / cap), Gemma
         2/3); the final stage applies it where the config sets it.
-    experts: the block's mixture of experts, if it has one; layer names with EXPERT in `sequential_groups` are
-        expanded over the config's experts by `for_config`.
+    experts: the block's mixture of experts, if it has one; layer names with EXPERT in `sequential_groups` and
+        `shared_inputs` are expanded over the config's experts by `for_config`.
+    shared_inputs: sets of layers the block's forward calls with one and the same input tensor (q/k/v of the
+        attention's normalized input, gate/up of the MLP's): a method whose statistic depends on the input alone
+        observes one statistic per set (streamer/block.py checks the identity on every micro-batch). A set with
+        EXPERT is one set per expert. Layers named in none read inputs of their own.
     """
 
     name: str
@@ -106,6 +111,7 @@ class Adapter:
     unprunable: str = ""
     logit_softcap_key: str | None = None
     experts: ExpertLayout | None = None
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -126,7 +132,17 @@ class Adapter:
              *(name.replace(EXPERT, str(expert)) for expert in range(count) for name in group if EXPERT in name))
             for group in self.sequential_groups
         )
-        return replace(self, sequential_groups=groups)
+        shared = tuple(
+            expanded
+            for names in self.shared_inputs
+            for expanded in ([tuple(name.replace(EXPERT, str(expert)) for name in names) for expert in range(count)]
+                             if any(EXPERT in name for name in names) else [names])
+        )
+        return replace(self, sequential_groups=groups, shared_inputs=shared)
+
+    def by_input(self, names: Sequence[str]) -> list[tuple[str, ...]]:
+        """`names` grouped by the input tensor they read (`shared_inputs`), in the order of their first layers."""
+        return group_by_input(names, self.shared_inputs)
 
     def block_norms(self, block: nn.Module) -> dict[str, nn.Module]:
         """The block's normalization layers that its config builds."""
@@ -137,3 +153,13 @@ class Adapter:
             except AttributeError:
                 continue
         return present
+
+
+def group_by_input(names: Sequence[str], shared_inputs: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    """`names` grouped by the input they read: the members of each set of `shared_inputs` among them together,
+    every other layer alone, in the order of each group's first layer in `names`."""
+    set_of = {name: index for index, members in enumerate(shared_inputs) for name in members}
+    groups: dict[object, list[str]] = {}
+    for name in names:
+        groups.setdefault(set_of.get(name, name), []).append(name)
+    return [tuple(group) for group in groups.values()]

@@ -18,6 +18,7 @@ LLAMA = Adapter(
         ("mlp.down_proj",),
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
     bias_flags=("attention_bias", "mlp_bias"),
     channel_groups=(
         ChannelGroup(

@@ -21,6 +21,8 @@ MIXTRAL = Adapter(
         (f"mlp.experts.{EXPERT}.w2",),
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                   (f"mlp.experts.{EXPERT}.w1", f"mlp.experts.{EXPERT}.w3")),
     experts=ExpertLayout(path="mlp.experts", count_keys=("num_local_experts",), gate="w1", up="w3", down="w2"),
     unprunable="transformers' fused experts hold one intermediate width for all experts, so no expert can lose "
     "channels alone",

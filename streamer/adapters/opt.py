@@ -17,6 +17,7 @@ OPT = Adapter(
         ("fc2",),
     ),
     norms=("self_attn_layer_norm", "final_layer_norm"),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     bias_flags=("enable_bias",),
     channel_groups=(
         ChannelGroup(

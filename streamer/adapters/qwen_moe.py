@@ -20,6 +20,7 @@ QWEN_EXPERTS = ExpertLayout(path="mlp.experts", count_keys=("num_experts", "num_
                             every_block=(("decoder_sparse_step", 1), ("mlp_only_layers", [])))
 EXPERT_GROUPS = ((f"mlp.experts.{EXPERT}.gate_proj", f"mlp.experts.{EXPERT}.up_proj"),
                  (f"mlp.experts.{EXPERT}.down_proj",))
+SHARED_INPUTS = (ATTENTION_GROUPS[0], EXPERT_GROUPS[0])  # q/k/v; each expert's gate and up
 
 QWEN2_MOE = replace(
     MIXTRAL,
@@ -30,6 +31,7 @@ QWEN2_MOE = replace(
         ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", *EXPERT_GROUPS[0]),
         ("mlp.shared_expert.down_proj", *EXPERT_GROUPS[1]),
     ),
+    shared_inputs=(*SHARED_INPUTS, ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
     experts=QWEN_EXPERTS,
 )
 
@@ -39,5 +41,6 @@ QWEN3_MOE = replace(
     model_types=("qwen3_moe",),
     sequential_groups=(*ATTENTION_GROUPS, *EXPERT_GROUPS),
     norms=(*MIXTRAL.norms, "self_attn.q_norm", "self_attn.k_norm"),
+    shared_inputs=SHARED_INPUTS,
     experts=QWEN_EXPERTS,
 )

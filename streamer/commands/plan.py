@@ -52,7 +52,8 @@ def plan(settings: PlanSettings) -> Plan:
     if settings.speed is not None:
         result.with_estimate(Speed.load(settings.speed))
     elif device_type == "cpu" or torch.cuda.is_available():
-        speed = probe_speed(settings.device, staged.dtype)
+        precisions = {layer.cost.update_precision for layer in result.planner.layers.values()}
+        speed = probe_speed(settings.device, staged.dtype, precisions=precisions)
         if settings.save_speed is not None:
             speed.save(settings.save_speed)
         result.with_estimate(speed)

@@ -32,7 +32,7 @@ from methods.scores import LayerScore, Scorer
 from methods.statistics import Gram
 
 from ..allocation import SCORES_FILE
-from ..block import forward_until_observed, observe
+from ..block import forward_until_observed, observe, statistic_readers
 from ..data import CalibrationOptions
 from ..errors import LayerpressError
 from ..files import atomic_write
@@ -137,8 +137,9 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
     """Observe the block's layers on its inputs and score them; with the scorer's keep_pruned, leave them pruned at
     the probe once all are scored.
 
-    per_layer_statistics: observe and score one layer at a time (one Gram in memory instead of the block's); the
-    weights change only after every layer is scored, so each layer sees the same inputs either way."""
+    per_layer_statistics: observe and score one input at a time (one Gram in memory instead of the block's); the
+    weights change only after every layer is scored, so each layer sees the same inputs either way. Layers that
+    read one input (q/k/v, gate/up) share its Gram."""
     linears = context.linears
     scores: dict[str, LayerScore] = {}
     diagonals: dict[str, torch.Tensor] = {}  # diag H of each layer, for its Wanda scores
@@ -153,15 +154,19 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
         context.phase.layer = None
         diagonals[name] = gram.gram.diagonal() * gram.scale  # a vector: never the whole H
 
+    inputs = statistic_readers(context.staged.adapter, list(linears), scorer.statistic_per_input)
     if per_layer_statistics:
-        for name, layer in linears.items():
-            gram = scorer.statistic(layer)
+        for readers in inputs:
+            gram = scorer.statistic(linears[readers[0]])
             with context.phase("observe"):
-                observe(linears, {name: gram}, forward_until_observed(context), stop_early=True)
-            score(name, gram)
+                observe(linears, dict.fromkeys(readers, gram), forward_until_observed(context), stop_early=True)
+            for name in readers:
+                score(name, gram)
             del gram
     else:
-        grams = {name: scorer.statistic(layer) for name, layer in linears.items()}
+        grams: dict[str, Gram] = {}
+        for readers in inputs:
+            grams.update(dict.fromkeys(readers, scorer.statistic(linears[readers[0]])))
         with context.phase("observe"):
             observe(linears, grams, context.forward)
         for name in linears:  # each Gram is dropped once its layer is scored
