@@ -22,7 +22,7 @@ from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
 from streamer.block import DEFAULT_EXPERT_MIN_TOKENS
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
-from streamer.errors import LayerpressError
+from streamer.errors import LayerpressError, RankFollows
 from streamer.formats import FORMATS
 
 DESCRIPTION = """\
@@ -641,13 +641,25 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from streamer.distributed import leave_world, rank_label
+
     try:
         check_counts(args)
+        check_torchrun(args)
         commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "scores": run_scores,
                     "gradients": run_gradients, "eval": run_eval, "status": run_status}
         commands[args.command](args)
+    except RankFollows:  # rank 0 reports it
+        return 1
     except LayerpressError as exc:
-        print(f"layerpress: error: {exc}", file=sys.stderr)
+        print(f"layerpress: error: {rank_label()}{exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # under torchrun: a collective failed, its peer dead or silent past the timeout
+        if not rank_label():
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"layerpress: error: {rank_label()}a collective failed (another rank died or timed out): {reason}",
+              file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:  # outside a block's phases, which name where (streamer/stream.py: Phases)
         from streamer.stream import LOWER_MEMORY
@@ -658,7 +670,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerpress: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        leave_world()
     return 0
+
+
+def check_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun, refuse in one line what does not run on several ranks yet (nothing changes without it)."""
+    from streamer.distributed import launched_ranks
+
+    ranks = launched_ranks()
+    if ranks == 1:
+        return
+    refused = {
+        "decompress": "decompress", "plan": "plan (plan --world-size N predicts a torchrun job)", "status": "status",
+        "gradients": "gradients",
+    }.get(args.command)
+    if args.command == "eval" and args.tasks is not None:
+        refused = "eval --tasks"
+    if args.command == "compress" and args.method == "flap":
+        refused = "compress --method flap"
+    if args.command == "compress" and args.reconstruct:
+        refused = "compress --reconstruct"
+    if refused is not None:
+        raise LayerpressError(f"{refused} does not run under torchrun ({ranks} processes): run it as one process; "
+                              "compress (unstructured methods), scores and eval (perplexity) run data-parallel")
 
 
 def entry_point() -> None:

@@ -211,10 +211,18 @@ class Workload:
     seqlen: int
     command: str = "compress"
     reconstruction: Reconstruction | None = None
+    world_size: int = 1  # torchrun processes sharing the windows (streamer/distributed.py); the plan is one rank's
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise LayerpressError(f"no plan for {self.command!r}: plans cover {', '.join(COMMANDS)}")
+        if self.world_size < 1:
+            raise LayerpressError(f"--world-size must be at least 1, got {self.world_size}")
+
+    @property
+    def rank_windows(self) -> int:
+        """The windows one rank holds (the largest share)."""
+        return -(-self.nsamples // self.world_size)
 
     @property
     def structured(self) -> bool:
@@ -325,7 +333,7 @@ class Planner:
     # ------------------------------------------------------------------ memory
     def activation_buffer_bytes(self) -> int:
         w = self.workload
-        return w.nsamples * w.seqlen * self.shapes.hidden * self.shapes.dtype.itemsize
+        return w.rank_windows * w.seqlen * self.shapes.hidden * self.shapes.dtype.itemsize
 
     def forward_transient(self, micro_batch: int) -> int:
         s, seqlen = self.shapes, self.workload.seqlen
@@ -504,7 +512,7 @@ class Planner:
         if micro_batch is not None:
             sizes = [micro_batch]
         else:
-            largest = max(1, min(w.nsamples, TOKENS_PER_FORWARD.get(self.device_type, 0) // w.seqlen))
+            largest = max(1, min(w.rank_windows, TOKENS_PER_FORWARD.get(self.device_type, 0) // w.seqlen))
             sizes = [2**k for k in range(largest.bit_length() - 1, -1, -1)]
         return [Choice(size, place, per_layer) for per_layer in statistics for place in places for size in sizes]
 
