@@ -22,6 +22,7 @@ from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
 from streamer.block import DEFAULT_EXPERT_MIN_TOKENS
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
+from streamer.distributed import launched_ranks, leave_world, rank_label, world
 from streamer.errors import LayerpressError, RankFollows
 from streamer.formats import FORMATS
 
@@ -576,7 +577,9 @@ def run_scores(args: argparse.Namespace) -> None:
         inputs=args.inputs, dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
         planning=plan_choices(args),
     )
-    print(score(settings))
+    written = score(settings)
+    if world().is_writer:
+        print(written)
 
 
 def run_gradients(args: argparse.Namespace) -> None:
@@ -603,7 +606,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args),
                         plan_choices(args))
-    print(json.dumps(result))
+    if world().is_writer:  # under torchrun every rank has the result: one prints it
+        print(json.dumps(result))
 
 
 def run_tasks(args: argparse.Namespace) -> None:
@@ -641,8 +645,6 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from streamer.distributed import leave_world, rank_label
-
     try:
         check_counts(args)
         check_torchrun(args)
@@ -677,8 +679,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_torchrun(args: argparse.Namespace) -> None:
     """Under torchrun, refuse in one line what does not run on several ranks yet (nothing changes without it)."""
-    from streamer.distributed import launched_ranks
-
     ranks = launched_ranks()
     if ranks == 1:
         return

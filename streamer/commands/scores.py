@@ -34,6 +34,7 @@ from methods.statistics import Gram
 from ..allocation import SCORES_FILE
 from ..block import forward_until_observed, observe
 from ..data import CalibrationOptions
+from ..distributed import world
 from ..errors import LayerpressError
 from ..files import atomic_write
 from ..journal import Run
@@ -69,7 +70,7 @@ class ScoreSettings:
     def workload(self, seqlen: int) -> Workload:
         """The score pass as the memory planner sees it: a compress run that writes nothing."""
         return Workload(self.scorer, Target(sparsity=max(self.scorer.sparsities)), self.calibration.nsamples, seqlen,
-                        command="scores")
+                        command="scores", world_size=world().size)
 
     def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions) -> dict[str, Any]:
         """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
@@ -105,6 +106,8 @@ def score(settings: ScoreSettings) -> Path:
             return {"layers": score_block(context, settings.scorer, per_layer)}
 
         stream_blocks(staged, calibrated.windows, stream, process, run, desc="scores")
+        if not world().is_writer:
+            return
         document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
         atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
         run.finish({"seconds": time.perf_counter() - started})
@@ -122,6 +125,7 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
     per_layer_statistics: observe and score one layer at a time (one Gram in memory instead of the block's); the
     weights change only after every layer is scored, so each layer sees the same inputs either way."""
     linears = context.linears
+    ranks = world()  # under torchrun each rank's Grams become all ranks' sums; every rank then scores every layer
     scores: dict[str, LayerScore] = {}
     diagonals: dict[str, torch.Tensor] = {}  # diag H of each layer, for its Wanda scores
 
@@ -140,12 +144,14 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
             gram = scorer.statistic(layer)
             with context.phase("observe"):
                 observe(linears, {name: gram}, forward_until_observed(context), stop_early=True)
+                ranks.combine({name: gram})
             score(name, gram)
             del gram
     else:
         grams = {name: scorer.statistic(layer) for name, layer in linears.items()}
         with context.phase("observe"):
             observe(linears, grams, context.forward)
+            ranks.combine(grams)
         for name in linears:  # each Gram is dropped once its layer is scored
             score(name, grams.pop(name))
     outliers = scorer.outliers(linears, diagonals)
