@@ -693,6 +693,8 @@ def check_torchrun(args: argparse.Namespace) -> None:
     if args.command == "compress" and args.reconstruct:
         refused = "compress --reconstruct"
     if refused is not None:
+        if os.environ.get("RANK", "0") != "0":
+            raise RankFollows(refused)  # every rank refuses alike: rank 0 says so
         raise LayerpressError(f"{refused} does not run under torchrun ({ranks} processes): run it as one process; "
                               "compress (unstructured methods), scores and eval (perplexity) run data-parallel")
 

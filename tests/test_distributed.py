@@ -1,0 +1,184 @@
+"""torchrun: two CPU processes (gloo) compress, score and evaluate like one, and a killed job resumes to the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main
+from streamer.distributed import World
+from streamer.journal import JOURNAL_FILE, WORK_DIR
+from tests.conftest import ROOT
+from tests.test_resume import output_digest
+
+NSAMPLES, SEQLEN = 4, 32
+METHODS = {  # family, method options: one of each kind of statistic (Gram, column norms, with gradient norms)
+    "sparsegpt": ("llama", ["--method", "sparsegpt"]),
+    "wanda": ("opt", ["--method", "wanda"]),
+    "gptq": ("bloom", ["--method", "gptq", "--wbits", "4", "--groupsize", "32"]),
+    "gblm": ("llama", ["--method", "gblm", "--alpha", "100"]),
+}
+
+
+def calibrated(model: Path, calib: Path) -> list[str]:
+    return ["--model", str(model), "--calib", str(calib), "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
+            "--device", "cpu"]
+
+
+def torchrun(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 main.py ARGV` on this machine (one thread per rank)."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("LAYERPRESS_FAILPOINT")}
+    environment.update(OMP_NUM_THREADS="1", LAYERPRESS_COLLECTIVE_TIMEOUT="120", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "main.py", "-q",
+         *argv],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300,
+    )
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        loaded.update(load_file(shard))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text((ROOT / "data" / "wikitext2-valid.tokens").read_text(encoding="utf-8")[:50_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def gradients(tiny_checkpoints, calib, tmp_path_factory) -> Path:
+    """Gradient norms of tiny Llama (one process: gblm's input, the same for both worlds)."""
+    out = tmp_path_factory.mktemp("gradients") / "grad"
+    assert main.main(["-q", "gradients", "--out", str(out), *calibrated(tiny_checkpoints["llama"], calib)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def worlds(tiny_checkpoints, calib, gradients, tmp_path_factory):
+    """compress argv and outputs of world 1 (in this process) and world 2 (torchrun), per method, made on demand."""
+    made: dict[str, tuple[list[str], Path, Path]] = {}
+
+    def outputs(method: str) -> tuple[list[str], Path, Path]:
+        if method not in made:
+            family, options = METHODS[method]
+            tmp = tmp_path_factory.mktemp(method)
+            extra = ["--gradients", str(gradients)] if method == "gblm" else []
+            argv = ["compress", *calibrated(tiny_checkpoints[family], calib), "--max-shard-size", "30KB", *options,
+                    *extra]
+            assert main.main(["-q", *argv, "--out", str(tmp / "one")]) == 0
+            result = torchrun([*argv, "--out", str(tmp / "two")])
+            assert result.returncode == 0, result.stderr
+            made[method] = argv, tmp / "one", tmp / "two"
+        return made[method]
+
+    return outputs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_world_of_two_compresses_as_world_of_one(worlds, method):
+    _, one, two = worlds(method)
+    single, double = tensors(one), tensors(two)
+    assert single.keys() == double.keys()
+    for name, weight in single.items():
+        other = double[name]
+        assert torch.equal(weight == 0, other == 0) or method == "gptq", f"{name}: masks differ"
+        difference = (weight.float() - other.float()).abs().max().item()
+        # float32 sums in another order; gptq may round a weight to the neighbouring grid point
+        tolerance = 2e-2 if method == "gptq" else 1e-4
+        assert difference <= tolerance * max(weight.float().abs().max().item(), 1.0), f"{name}: {difference}"
+    record = json.loads((two / "config.json").read_text())["layerpress"]
+    assert record["method"] == METHODS[method][1][1]
+    journal = json.loads((two / WORK_DIR / JOURNAL_FILE).read_text())["body"]
+    assert journal["settings"]["world_size"] == 2 and journal["state"] == "complete"
+
+
+def test_killed_rank_resumes_to_identical_bytes_with_its_world_size_only(worlds, tiny_checkpoints, tmp_path):
+    argv, one, two = worlds("sparsegpt")
+    out = tmp_path / "out"
+    argv = [*argv, "--out", str(out)]
+    killed = torchrun(argv, LAYERPRESS_FAILPOINT="before-propagate:2", LAYERPRESS_FAILPOINT_RANK="1")
+    assert killed.returncode != 0
+    assert not (out / "model.safetensors.index.json").exists(), "a killed job must not look complete"
+
+    journal = json.loads((out / WORK_DIR / JOURNAL_FILE).read_text())["body"]
+    assert journal["blocks_done"] == 1
+    hidden = json.loads((tiny_checkpoints["llama"] / "config.json").read_text())["hidden_size"]
+    single_buffer = NSAMPLES * SEQLEN * hidden * 4  # float32: what one process persists
+    sizes = [Path(path).stat().st_size for path in journal["rank_inputs"]]
+    assert sizes == [single_buffer // 2] * 2, "each rank keeps half of the windows"
+
+    assert main.main(["-q", *argv]) == 1  # world 1 on a world-2 partial run: refused
+    assert not (out / "model.safetensors.index.json").exists()
+
+    killed_writer = torchrun(argv, LAYERPRESS_FAILPOINT="shard-write:2", LAYERPRESS_FAILPOINT_RANK="0")
+    assert killed_writer.returncode != 0
+    resumed = torchrun(argv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_digest(out) == output_digest(two), "resumed bytes differ from an uninterrupted world-2 run"
+    assert not list((out / WORK_DIR).glob("inputs-*")), "persisted activations are removed when the run completes"
+
+
+def test_other_world_size_is_refused_in_one_line(worlds, tmp_path, capsys):
+    argv, _, _ = worlds("sparsegpt")
+    out = tmp_path / "out"
+    (out / WORK_DIR).mkdir(parents=True)
+    body = {"format": 1, "command": "compress", "state": "running", "settings": {"world_size": 2},
+            "fingerprints": {}, "blocks_done": 1}
+    from streamer.journal import _checksum
+
+    (out / WORK_DIR / JOURNAL_FILE).write_text(json.dumps({"body": body, "checksum": _checksum(body)}))
+    assert main.main(["-q", *argv, "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "started by 2 process(es)" in error and "resume it with world size 2, not 1" in error
+    assert "\n" not in error
+
+
+def test_eval_and_scores_of_two_ranks_match_one(worlds, tiny_checkpoints, calib, tmp_path, capsys):
+    _, one, _ = worlds("sparsegpt")
+    evaluation = ["eval", "--model", str(one), "--windows", str(NSAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu"]
+    assert main.main(["-q", *evaluation]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = torchrun(evaluation)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, "one rank prints the result"
+    double = json.loads(lines[0])
+    assert double["windows"] == single["windows"] and double["ppl"] == pytest.approx(single["ppl"], rel=1e-5)
+
+    scores = ["scores", *calibrated(tiny_checkpoints["llama"], calib), "--sparsity", "0.5"]
+    assert main.main(["-q", *scores, "--out", str(tmp_path / "one")]) == 0
+    result = torchrun([*scores, "--out", str(tmp_path / "two")])
+    assert result.returncode == 0, result.stderr
+    single, double = (json.loads((tmp_path / name / "scores.json").read_text())["layers"] for name in ("one", "two"))
+    assert single.keys() == double.keys()
+    for name, record in single.items():
+        assert double[name]["obs_loss"]["0.5"] == pytest.approx(record["obs_loss"]["0.5"], rel=1e-3), name
+
+
+def test_unsupported_commands_are_refused_under_torchrun(tiny_checkpoints, calib, tmp_path):
+    result = torchrun(["gradients", "--out", str(tmp_path / "grad"), *calibrated(tiny_checkpoints["llama"], calib)])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("layerpress: error:")]
+    assert errors == ["layerpress: error: rank 0 of 2: gradients does not run under torchrun (2 processes): run it "
+                      "as one process; compress (unstructured methods), scores and eval (perplexity) run "
+                      "data-parallel"]
+
+
+def test_windows_are_shared_in_contiguous_balanced_slices():
+    shares = [World(rank, 3).share(8) for rank in range(3)]
+    assert shares == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert World().share(8) == slice(0, 8)
+    owners = World(1, 2).assign({"a": 5.0, "b": 3.0, "c": 2.0, "d": 1.0})
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
