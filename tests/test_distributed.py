@@ -66,7 +66,7 @@ def gradients(tiny_checkpoints, calib, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worlds(tiny_checkpoints, calib, gradients, tmp_path_factory):
+def worlds(tiny_checkpoints, calib, request, tmp_path_factory):
     """compress argv and outputs of world 1 (in this process) and world 2 (torchrun), per method, made on demand."""
     made: dict[str, tuple[list[str], Path, Path]] = {}
 
@@ -74,7 +74,7 @@ def worlds(tiny_checkpoints, calib, gradients, tmp_path_factory):
         if method not in made:
             family, options = METHODS[method]
             tmp = tmp_path_factory.mktemp(method)
-            extra = ["--gradients", str(gradients)] if method == "gblm" else []
+            extra = ["--gradients", str(request.getfixturevalue("gradients"))] if method == "gblm" else []
             argv = ["compress", *calibrated(tiny_checkpoints[family], calib), "--max-shard-size", "30KB", *options,
                     *extra]
             assert main.main(["-q", *argv, "--out", str(tmp / "one")]) == 0
@@ -86,7 +86,8 @@ def worlds(tiny_checkpoints, calib, gradients, tmp_path_factory):
     return outputs
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [method if method == "sparsegpt" else pytest.param(method, marks=pytest.mark.slow)
+                                    for method in METHODS])
 def test_world_of_two_compresses_as_world_of_one(worlds, method):
     _, one, two = worlds(method)
     single, double = tensors(one), tensors(two)
@@ -122,12 +123,22 @@ def test_killed_rank_resumes_to_identical_bytes_with_its_world_size_only(worlds,
     assert main.main(["-q", *argv]) == 1  # world 1 on a world-2 partial run: refused
     assert not (out / "model.safetensors.index.json").exists()
 
-    killed_writer = torchrun(argv, LAYERPRESS_FAILPOINT="shard-write:2", LAYERPRESS_FAILPOINT_RANK="0")
-    assert killed_writer.returncode != 0
     resumed = torchrun(argv)
     assert resumed.returncode == 0, resumed.stderr
     assert output_digest(out) == output_digest(two), "resumed bytes differ from an uninterrupted world-2 run"
     assert not list((out / WORK_DIR).glob("inputs-*")), "persisted activations are removed when the run completes"
+
+
+@pytest.mark.slow
+def test_killed_writer_resumes_to_identical_bytes(worlds, tmp_path):
+    argv, _, two = worlds("sparsegpt")
+    argv = [*argv, "--out", str(tmp_path / "out")]
+    for point in ("shard-write:3", "after-journal:2"):  # inside a shard write; between a journal and the next block
+        killed = torchrun(argv, LAYERPRESS_FAILPOINT=point, LAYERPRESS_FAILPOINT_RANK="0")
+        assert killed.returncode != 0, point
+    resumed = torchrun(argv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_digest(tmp_path / "out") == output_digest(two)
 
 
 def test_other_world_size_is_refused_in_one_line(worlds, tmp_path, capsys):
@@ -145,6 +156,7 @@ def test_other_world_size_is_refused_in_one_line(worlds, tmp_path, capsys):
     assert "\n" not in error
 
 
+@pytest.mark.slow
 def test_eval_and_scores_of_two_ranks_match_one(worlds, tiny_checkpoints, calib, tmp_path, capsys):
     _, one, _ = worlds("sparsegpt")
     evaluation = ["eval", "--model", str(one), "--windows", str(NSAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu"]
@@ -167,13 +179,19 @@ def test_eval_and_scores_of_two_ranks_match_one(worlds, tiny_checkpoints, calib,
         assert double[name]["obs_loss"]["0.5"] == pytest.approx(record["obs_loss"]["0.5"], rel=1e-3), name
 
 
-def test_unsupported_commands_are_refused_under_torchrun(tiny_checkpoints, calib, tmp_path):
-    result = torchrun(["gradients", "--out", str(tmp_path / "grad"), *calibrated(tiny_checkpoints["llama"], calib)])
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("layerpress: error:")]
-    assert errors == ["layerpress: error: rank 0 of 2: gradients does not run under torchrun (2 processes): run it "
-                      "as one process; compress (unstructured methods), scores and eval (perplexity) run "
-                      "data-parallel"]
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_unsupported_commands_are_refused_under_torchrun_by_rank_0(tiny_checkpoints, calib, tmp_path, monkeypatch,
+                                                                   capsys, rank):
+    """Refused before any rank joins the job (so the environment torchrun sets is enough to test it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    argv = ["-q", "compress", "--out", str(tmp_path / "out"), *calibrated(tiny_checkpoints["llama"], calib),
+            "--method", "flap", "--ratio", "0.2"]
+    assert main.main(argv) == 1
+    expected = ("layerpress: error: rank 0 of 2: compress --method flap does not run under torchrun (2 processes): "
+                "run it as one process; compress (unstructured methods), scores and eval (perplexity) run "
+                "data-parallel")
+    assert capsys.readouterr().err.strip() == (expected if rank == "0" else "")
 
 
 def test_windows_are_shared_in_contiguous_balanced_slices():
