@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # Before torch starts CUDA: blocks of different sizes come and go, and expandable segments let the caching
@@ -316,6 +317,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=Path, default=None, metavar="FILE",
                         help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
     parser.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
+    parser.add_argument("--world-size", type=int, default=1, metavar="N",
+                        help="plan one rank of a torchrun job of N processes: 1/N of the windows each, compress's "
+                        "layer solves shared, statistics and results exchanged (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +525,8 @@ def run_plan(args: argparse.Namespace) -> None:
     from streamer.commands.plan import PlanSettings, plan
 
     result = plan(PlanSettings(
-        model=args.model, workload=planned_workload(args), seqlen=args.seqlen, device=args.device,
+        model=args.model, workload=replace(planned_workload(args), world_size=args.world_size), seqlen=args.seqlen,
+        device=args.device,
         budget=budget(args), dtype=compute_dtype(args), true_sequential=getattr(args, "true_sequential", False),
         prefetch=args.prefetch, micro_batch=args.micro_batch,
         offload=getattr(args, "offload_activations", None) is not None,

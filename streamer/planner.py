@@ -570,6 +570,7 @@ class Speed:
     read: float  # bytes/s read from disk with a cold page cache
     write: float  # bytes/s written to disk and fsynced
     how: str = ""
+    interconnect: float | None = None  # bytes/s between two ranks of a torchrun job (None: DEFAULT_INTERCONNECT)
 
     @classmethod
     def load(cls, path: Path) -> Speed:
@@ -664,9 +665,12 @@ def _disk_speed(scratch: Path | None, size: int = 64 * 2**20) -> tuple[float, fl
     return read, write, str(directory)
 
 
+DEFAULT_INTERCONNECT = 1e9  # bytes/s: gloo over loopback TCP on one host, about what this project's machine moves
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """Seconds per block of each phase, and the run's total."""
+    """Seconds per block of each phase (one rank's under torchrun), and the run's total."""
 
     read: float
     compute: float
@@ -675,12 +679,13 @@ class Estimate:
     embed: float
     blocks: int
     prefetch: bool
+    exchange: float = 0.0  # torchrun: statistics summed across ranks, results broadcast (not overlapped)
 
     @property
     def per_block(self) -> float:
         if self.prefetch:
-            return max(self.read, self.compute, self.write) + self.persist
-        return self.read + self.compute + self.write + self.persist
+            return max(self.read, self.compute + self.exchange, self.write) + self.persist
+        return self.read + self.compute + self.exchange + self.write + self.persist
 
     @property
     def total(self) -> float:
@@ -690,7 +695,7 @@ class Estimate:
 def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
     """Work counted from the shapes (forward and statistic flops, the methods' own counts) over measured rates."""
     s, w = planner.shapes, planner.workload
-    tokens = w.nsamples * w.seqlen
+    tokens = w.rank_windows * w.seqlen  # one rank's (all of them in one process)
     forward = tokens * (2.0 * s.linear_parameters + 4.0 * w.seqlen * s.hidden)
     seconds = forward / speed.matmul  # propagate
     passes = 2 if w.structured else 1  # flap reads and writes every block in its pruning pass too
@@ -703,11 +708,13 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         seconds += forward * _observed_fraction(planner, choice) / speed.matmul
         if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work
             seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / speed.matmul
-        for layer in planner.layers.values():
+        solves = {}
+        for name, layer in planner.layers.items():
             cost = layer.cost
-            seconds += (tokens * cost.update_flops_per_token + cost.matmul_flops) / speed.matmul32
-            seconds += cost.factor_flops / speed.factor
-            seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
+            seconds += tokens * cost.update_flops_per_token / speed.matmul32
+            solves[name] = cost.matmul_flops / speed.matmul32 + cost.factor_flops / speed.factor \
+                + cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
+        seconds += _slowest_rank(solves, w.world_size if w.command == "compress" else 1)
     buffer = planner.activation_buffer_bytes()
     writes = w.command == "compress"
     return Estimate(
@@ -718,7 +725,31 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / speed.matmul,
         blocks=s.blocks,
         prefetch=planner.prefetch,
+        exchange=_exchange_seconds(planner, speed),
     )
+
+
+def _slowest_rank(solves: dict[str, float], world_size: int) -> float:
+    """The seconds of the most loaded rank when a block's layer solves are shared as the block loop shares them
+    (streamer/block.py: costliest first, each to the least loaded rank)."""
+    loads = [0.0] * world_size
+    for name in sorted(solves, key=lambda name: -solves[name]):
+        loads[loads.index(min(loads))] += solves[name]
+    return max(loads)
+
+
+def _exchange_seconds(planner: Planner, speed: Speed) -> float:
+    """What a block's collectives take under torchrun: each statistic summed by a ring all-reduce (each rank sends
+    2(N − 1)/N of its bytes), and compress's results (weight and mask) broadcast from the rank that solved them."""
+    w = planner.workload
+    if w.world_size == 1 or w.method is None:
+        return 0.0
+    share = 2 * (w.world_size - 1) / w.world_size
+    moved = sum(share * layer.statistic for layer in planner.layers.values())
+    if w.command == "compress":
+        moved += sum(layer.linear.rows * layer.linear.columns * (planner.shapes.dtype.itemsize + 1)
+                     for layer in planner.layers.values())
+    return moved / (speed.interconnect or DEFAULT_INTERCONNECT)
 
 
 def _observed_fraction(planner: Planner, choice: Choice) -> float:
@@ -783,7 +814,9 @@ class Plan:
         largest = max(p.layers.values(), key=lambda n: n.statistic + n.cost.working_bytes)
         data = "evaluation windows" if w.command == "eval" else "calibration"
         lines = [
-            f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}, "
+            f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}"
+            + (f" ({w.rank_windows} windows per rank of {w.world_size}: every figure below is one rank's)"
+               if w.world_size > 1 else "") + ", "
             f"on {p.device_type} in {str(s.dtype).removeprefix('torch.')}; {budget}",
             f"settings that fit: {self.choice.describe(p.device_type, p.observes)}"
             + (f"; statistics and solves in {str(p.statistic_dtype).removeprefix('torch.')}"
@@ -806,8 +839,9 @@ class Plan:
             overlap = "read and write overlapped with compute" if e.prefetch else "read, compute, write in turn"
             lines.append(
                 f"time: about {e.total / 3600:.2f} h = {e.blocks} blocks x {e.per_block:.1f} s (per block: read "
-                f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s; "
-                f"{overlap}) + embed {e.embed:.1f} s"
+                f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s"
+                + (f", exchange between ranks {e.exchange:.1f} s at {gib(self.speed.interconnect or DEFAULT_INTERCONNECT)}"
+                   "/s" if w.world_size > 1 else "") + f"; {overlap}) + embed {e.embed:.1f} s"
             )
             lines.append(f"throughput: {self.speed.how}")
         return "\n".join(lines)

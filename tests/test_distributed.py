@@ -200,3 +200,19 @@ def test_windows_are_shared_in_contiguous_balanced_slices():
     assert World().share(8) == slice(0, 8)
     owners = World(1, 2).assign({"a": 5.0, "b": 3.0, "c": 2.0, "d": 1.0})
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+
+
+def test_plan_of_one_rank_holds_its_share_of_the_activations_and_solves(tiny_checkpoints):
+    from streamer.commands.plan import PlanSettings, plan
+    from streamer.planner import Budget, Workload
+
+    def planned(world_size: int):
+        workload = Workload(main.METHODS["sparsegpt"](), main.Target(sparsity=0.5), 8, SEQLEN, world_size=world_size)
+        return plan(PlanSettings(tiny_checkpoints["llama"], workload, SEQLEN, torch.device("cpu"),
+                                 Budget(device=0, host=2**34), speed=ROOT / "tools/speeds/a100-80gb-assumed.json"))
+
+    single, double = planned(1), planned(2)
+    assert double.planner.activation_buffer_bytes() * 2 == single.planner.activation_buffer_bytes()
+    assert single.estimate.exchange == 0 < double.estimate.exchange
+    assert double.estimate.compute < single.estimate.compute
+    assert "4 windows per rank of 2" in double.describe()
