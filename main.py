@@ -683,25 +683,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_torchrun(args: argparse.Namespace) -> None:
-    """Under torchrun, refuse in one line what does not run on several ranks yet (nothing changes without it)."""
+    """Under torchrun, refuse in one line (rank 0's) what does not run on several ranks yet; nothing changes
+    without torchrun."""
     ranks = launched_ranks()
     if ranks == 1:
         return
-    refused = {
+    unsupported = {
         "decompress": "decompress", "plan": "plan (plan --world-size N predicts a torchrun job)", "status": "status",
         "gradients": "gradients",
     }.get(args.command)
     if args.command == "eval" and args.tasks is not None:
-        refused = "eval --tasks"
+        unsupported = "eval --tasks"
     if args.command == "compress" and args.method == "flap":
-        refused = "compress --method flap"
+        unsupported = "compress --method flap"
     if args.command == "compress" and args.reconstruct:
-        refused = "compress --reconstruct"
-    if refused is not None:
-        if os.environ.get("RANK", "0") != "0":
-            raise RankFollows(refused)  # every rank refuses alike: rank 0 says so
-        raise LayerpressError(f"{refused} does not run under torchrun ({ranks} processes): run it as one process; "
-                              "compress (unstructured methods), scores and eval (perplexity) run data-parallel")
+        unsupported = "compress --reconstruct"
+    windows = args.windows if args.command == "eval" else getattr(args, "nsamples", None)
+    reason = None
+    if unsupported is not None:
+        reason = (f"{unsupported} does not run under torchrun ({ranks} processes): run it as one process; compress "
+                  "(unstructured methods), scores and eval (perplexity) run data-parallel")
+    elif windows is not None and windows < ranks:
+        reason = f"{windows} windows cannot be shared by {ranks} ranks: every rank needs at least one"
+    if reason is not None:
+        raise LayerpressError(reason) if os.environ.get("RANK", "0") == "0" else RankFollows(reason)
 
 
 def entry_point() -> None:

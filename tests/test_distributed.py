@@ -216,3 +216,14 @@ def test_plan_of_one_rank_holds_its_share_of_the_activations_and_solves(tiny_che
     assert single.estimate.exchange == 0 < double.estimate.exchange
     assert double.estimate.compute < single.estimate.compute
     assert "4 windows per rank of 2" in double.describe()
+
+
+def test_fewer_windows_than_ranks_are_refused_before_any_rank_joins(tiny_checkpoints, calib, tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["-q", "compress", "--out", str(tmp_path / "out"), *calibrated(tiny_checkpoints["llama"], calib),
+            "--nsamples", "1"]
+    assert main.main(argv) == 1
+    assert capsys.readouterr().err.strip() == ("layerpress: error: rank 0 of 2: 1 windows cannot be shared by 2 "
+                                               "ranks: every rank needs at least one")
