@@ -16,6 +16,7 @@ import main
 from streamer.distributed import World
 from streamer.journal import JOURNAL_FILE, WORK_DIR
 from tests.conftest import ROOT
+from tests.distributed_shares import combine_shares
 from tests.test_resume import output_digest
 
 NSAMPLES, SEQLEN = 4, 32
@@ -227,3 +228,23 @@ def test_fewer_windows_than_ranks_are_refused_before_any_rank_joins(tiny_checkpo
     assert main.main(argv) == 1
     assert capsys.readouterr().err.strip() == ("layerpress: error: rank 0 of 2: 1 windows cannot be shared by 2 "
                                                "ranks: every rank needs at least one")
+
+
+def test_statistics_combined_across_ranks_equal_one_accumulator_over_all_windows(tmp_path):
+    from methods.statistics import ColumnNorms, Gram, Moments
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(10, 4, 6, generator=generator) * 3 + 100  # |mean| >> std: the naive variance would fail
+    torch.multiprocessing.spawn(combine_shares, args=(f"file://{tmp_path / 'store'}", inputs, str(tmp_path / "r")),
+                                nprocs=2)
+    layer = torch.nn.Linear(6, 3)
+    gram, norms, moments = Gram(layer), ColumnNorms(layer), Moments(layer)
+    for statistic in (gram, norms, moments):
+        for batch in inputs.split(3):
+            statistic.update(batch)
+    for rank in (0, 1):
+        combined = torch.load(tmp_path / f"r.{rank}")
+        torch.testing.assert_close(combined["hessian"], gram.hessian, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(combined["norms"], norms.norms)
+        torch.testing.assert_close(combined["mean"], moments.mean)
+        torch.testing.assert_close(combined["variance"], moments.variance)
