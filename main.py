@@ -696,8 +696,6 @@ def check_torchrun(args: argparse.Namespace) -> None:
         unsupported = "eval --tasks"
     if args.command == "compress" and args.method == "flap":
         unsupported = "compress --method flap"
-    if args.command == "compress" and args.reconstruct:
-        unsupported = "compress --reconstruct"
     windows = args.windows if args.command == "eval" else getattr(args, "nsamples", None)
     reason = None
     if unsupported is not None:

@@ -273,8 +273,9 @@ def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int
     batches = TargetBatches(context.acts, context.device)
     try:
         with context.phase("reconstruct"):
+            ranks = world()  # under torchrun: each step one micro-batch per rank, their gradients averaged
             report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings,
-                                 generator)
+                                 generator, ranks.average if ranks.distributed else None)
     except ValueError as exc:
         raise LayerpressError(f"reconstruction of block {context.index} failed: {exc}") from exc
     log.info(

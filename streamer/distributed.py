@@ -62,6 +62,11 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor replaced, in place, by its mean over the ranks (gradients of one training step)."""
+        for tensor in tensors:
+            self.total(tensor).div_(self.size)
+
     def combine(self, statistics: dict[str, Statistic]) -> None:
         """Make each rank's accumulators hold what every rank observed (the layers in sorted order on every rank)."""
         if self.distributed:
