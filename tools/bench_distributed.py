@@ -1,6 +1,6 @@
 """One process against a torchrun job of two on the same CPU cores: SmolLM2, SparseGPT 50%, 32 x 512 calibration.
 
-    python tools/bench_distributed.py [--out runs/bench-distributed] [--ranks 2] [--threads 2]
+    python tools/bench_distributed.py [--out runs/bench-distributed] [--ranks 2] [--threads 2] [--nsamples 32]
 
 world 1: `main.py compress` with --threads torch threads; world N: `torchrun --nproc-per-node N main.py compress`
 with threads / N each (the same cores in all). For each: wall time, per-phase seconds per block (rank 0's journal),
@@ -25,11 +25,12 @@ from tools.bench_stream import (  # noqa: E402
 )
 
 
-def compress(out: Path, ranks: int, threads: int) -> dict:
-    """Compress SmolLM2 into `out` with `ranks` processes of `threads` threads each; the figures of that run."""
+def compress(out: Path, ranks: int, threads: int, nsamples: int) -> dict:
+    """Compress SmolLM2 into `out` with `ranks` processes of `threads` threads each, calibrated on `nsamples`
+    windows of the protocol's 512 tokens; the figures of that run."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun passes it on (it would set 1 itself when unset)
     argv = ["-q", "compress", "--model", str(SMOLLM2), "--out", str(out), "--method", "sparsegpt", "--sparsity", "0.5",
-            "--device", "cpu", "--restart", *PROTOCOL_CALIBRATION]
+            "--device", "cpu", "--restart", *PROTOCOL_CALIBRATION, "--nsamples", str(nsamples)]
     if ranks == 1:
         run = run_measured(argv, niceness=10)
     else:
@@ -42,7 +43,7 @@ def compress(out: Path, ranks: int, threads: int) -> dict:
     body = journal(out)
     return {
         "ranks": ranks, "threads_per_rank": threads, "wall_seconds": run["seconds"],
-        "peak_rss_mib_per_rank": peaks[:ranks], "ppl": eval_ppl(out), **phase_shares(body),
+        "peak_rss_mib_of_each_rank": peaks[:ranks], "ppl": eval_ppl(out), **phase_shares(body),
     }
 
 
@@ -72,12 +73,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-distributed")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (default: 2, this machine's)")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32, the protocol's)")
     args = parser.parse_args()
     ensure_smollm2()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for ranks in (1, args.ranks):
-        results[f"world {ranks}"] = compress(args.out / f"world-{ranks}", ranks, max(1, args.threads // ranks))
+        results[f"world {ranks}"] = compress(args.out / f"world-{ranks}", ranks, max(1, args.threads // ranks),
+                                              args.nsamples)
         print(json.dumps(results[f"world {ranks}"]), flush=True)
     results["world {} against world 1".format(args.ranks)] = compare(args.out / "world-1",
                                                                        args.out / f"world-{args.ranks}")
