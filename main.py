@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # Before torch starts CUDA: blocks of different sizes come and go, and expandable segments let the caching
@@ -22,7 +23,8 @@ from methods.quant import ACT_ORDERS, BITS
 from methods.reconstruct import Reconstruction
 from streamer.block import DEFAULT_EXPERT_MIN_TOKENS
 from streamer.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, CalibrationOptions
-from streamer.errors import LayerpressError
+from streamer.distributed import launched_ranks, leave_world, rank_label, world
+from streamer.errors import LayerpressError, RankFollows
 from streamer.formats import FORMATS
 
 DESCRIPTION = """\
@@ -320,6 +322,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=Path, default=None, metavar="FILE",
                         help="throughput figures (JSON, as --save-speed writes) instead of probing this machine")
     parser.add_argument("--save-speed", type=Path, default=None, metavar="FILE", help="save the probed figures")
+    parser.add_argument("--world-size", type=int, default=1, metavar="N",
+                        help="plan one rank of a torchrun job of N processes: 1/N of the windows each, compress's "
+                        "layer solves shared, statistics and results exchanged (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,7 +530,8 @@ def run_plan(args: argparse.Namespace) -> None:
     from streamer.commands.plan import PlanSettings, plan
 
     result = plan(PlanSettings(
-        model=args.model, workload=planned_workload(args), seqlen=args.seqlen, device=args.device,
+        model=args.model, workload=replace(planned_workload(args), world_size=args.world_size), seqlen=args.seqlen,
+        device=args.device,
         budget=budget(args), dtype=compute_dtype(args), true_sequential=getattr(args, "true_sequential", False),
         prefetch=args.prefetch, micro_batch=args.micro_batch,
         offload=getattr(args, "offload_activations", None) is not None,
@@ -581,7 +587,9 @@ def run_scores(args: argparse.Namespace) -> None:
         inputs=args.inputs, dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
         planning=plan_choices(args),
     )
-    print(score(settings))
+    written = score(settings)
+    if world().is_writer:
+        print(written)
 
 
 def run_gradients(args: argparse.Namespace) -> None:
@@ -608,7 +616,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     result = perplexity(args.model, args.data, args.seqlen, args.windows, compute_dtype(args), stream_options(args),
                         plan_choices(args))
-    print(json.dumps(result))
+    if world().is_writer:  # under torchrun every rank has the result: one prints it
+        print(json.dumps(result))
 
 
 def run_tasks(args: argparse.Namespace) -> None:
@@ -648,11 +657,21 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         check_counts(args)
+        check_torchrun(args)
         commands = {"compress": run_compress, "decompress": run_decompress, "plan": run_plan, "scores": run_scores,
                     "gradients": run_gradients, "eval": run_eval, "status": run_status}
         commands[args.command](args)
+    except RankFollows:  # rank 0 reports it
+        return 1
     except LayerpressError as exc:
-        print(f"layerpress: error: {exc}", file=sys.stderr)
+        print(f"layerpress: error: {rank_label()}{exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # under torchrun: a collective failed, its peer dead or silent past the timeout
+        if not rank_label():
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"layerpress: error: {rank_label()}a collective failed (another rank died or timed out): {reason}",
+              file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:  # outside a block's phases, which name where (streamer/stream.py: Phases)
         from streamer.stream import LOWER_MEMORY
@@ -663,7 +682,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerpress: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        leave_world()
     return 0
+
+
+def check_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun, refuse in one line (rank 0's) what does not run on several ranks yet; nothing changes
+    without torchrun."""
+    ranks = launched_ranks()
+    if ranks == 1:
+        return
+    unsupported = {
+        "decompress": "decompress", "plan": "plan (plan --world-size N predicts a torchrun job)", "status": "status",
+        "gradients": "gradients",
+    }.get(args.command)
+    if args.command == "eval" and args.tasks is not None:
+        unsupported = "eval --tasks"
+    if args.command == "compress" and args.method == "flap":
+        unsupported = "compress --method flap"
+    windows = args.windows if args.command == "eval" else getattr(args, "nsamples", None)
+    reason = None
+    if unsupported is not None:
+        reason = (f"{unsupported} does not run under torchrun ({ranks} processes): run it as one process; compress "
+                  "(unstructured methods), scores and eval (perplexity) run data-parallel")
+    elif windows is not None and windows < ranks:
+        reason = f"{windows} windows cannot be shared by {ranks} ranks: every rank needs at least one"
+    if reason is not None:
+        raise LayerpressError(reason) if os.environ.get("RANK", "0") == "0" else RankFollows(reason)
 
 
 def entry_point() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -69,6 +69,12 @@ class Statistic(ABC):
     @abstractmethod
     def update(self, inputs: torch.Tensor) -> None:
         """inputs: one micro-batch of the layer's inputs, shape (..., in_features)."""
+
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Make this accumulator hold the observations of every share of the calibration windows, each share
+        observed by an accumulator of the same layer: `total(t)` returns t summed over the shares (in place).
+        The default refuses; an accumulator of sums adds them up."""
+        raise NotImplementedError(f"{type(self).__name__} cannot combine shares of the calibration windows")
 
     @property
     def nbytes(self) -> int:

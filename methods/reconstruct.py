@@ -286,9 +286,13 @@ def reconstruct(
     batches: Batches,
     settings: Reconstruction,
     generator: torch.Generator,
+    average_gradients: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> ReconstructionReport:
     """Train the chosen subsets of `block` (whose `linears` are pruned) so that run_block(inputs) ≈ targets over
-    the (inputs, targets) micro-batches, then merge them into the block in place."""
+    the (inputs, targets) micro-batches, then merge them into the block in place.
+
+    average_gradients: replaces each step's gradients, in place, by their mean over the other trainings that run
+    in step with this one on other micro-batches of the same block (None: this training alone)."""
     total = sum(parameter.numel() for parameter in block.parameters())
     targets = _targets(linears, norms, settings)
     if not batches or not targets:
@@ -305,6 +309,8 @@ def reconstruct(
                 loss = nn.functional.mse_loss(run_block(inputs).float(), outputs.float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if average_gradients is not None:
+                    average_gradients([parameter.grad for parameter in trainable if parameter.grad is not None])
                 optimizer.step()
                 scheduler.step()
         with torch.no_grad():

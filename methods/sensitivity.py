@@ -85,6 +85,12 @@ class BlockCorrelation:
         self.yy.addmm_(y.T, y)
         self.xy.addmm_(x.T, y)
 
+    def combine(self, total) -> None:
+        """Every share's moments summed (`total` sums a tensor over the shares, as Statistic.combine's does)."""
+        for moment in (self.sums, self.xx, self.yy, self.xy):
+            total(moment)
+        self.tokens = int(total(torch.tensor([self.tokens], dtype=torch.int64, device=self.sums.device)).item())
+
     def correlations(self) -> torch.Tensor:
         """The canonical correlations (descending): singular values of Cxx^-½ Cxy Cyy^-½, each side whitened over
         the directions whose variance exceeds RIDGE of its largest (the rest carry no signal)."""

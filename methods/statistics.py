@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -82,6 +82,10 @@ class Gram(Statistic):
         micro-batch, which is left out."""
         return 12.0 * columns * columns / cls.BF16_CHUNK if gram_dtype == "bfloat16" else 0.0
 
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        total(self._sum)
+        self.tokens = _total_count(total, self.tokens, self._sum.device)
+
     @property
     def gram(self) -> torch.Tensor:
         """XᵀX itself (not a copy): solvers scale it into their own working matrix, saving a copy of n² floats."""
@@ -95,6 +99,11 @@ class Gram(Statistic):
     @property
     def hessian(self) -> torch.Tensor:
         return self._sum * self.scale
+
+
+def _total_count(total: Callable[[torch.Tensor], torch.Tensor], count: int, device: torch.device) -> int:
+    """A token count summed over the shares (through a tensor, as `total` sums tensors)."""
+    return int(total(torch.tensor([count], dtype=torch.int64, device=device)).item())
 
 
 def tf32_products(enabled: bool) -> AbstractContextManager:
@@ -136,6 +145,9 @@ class ColumnNorms(Statistic):
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         self._squares += flat.pow(2).sum(dim=0)
 
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        total(self._squares)
+
     @property
     def norms(self) -> torch.Tensor:
         return self._squares.sqrt()
@@ -167,6 +179,14 @@ class Moments(Statistic):
         self.mean += delta * (count / total)
         self._deviations += deviations + delta.pow(2) * (self.tokens * count / total)
         self.tokens = total
+
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The shares' pooled moments: the mean from the summed Σx, the deviations from the pooled mean as each
+        share's own plus its count times its mean's squared distance from the pooled one (Chan et al. again)."""
+        tokens = _total_count(total, self.tokens, self.mean.device)
+        mean = total(self.mean * self.tokens) / max(tokens, 1)
+        self._deviations = total(self._deviations + (self.mean - mean).pow(2) * self.tokens)
+        self.mean, self.tokens = mean, tokens
 
     @property
     def variance(self) -> torch.Tensor:

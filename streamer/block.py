@@ -34,6 +34,7 @@ from methods.reconstruct import Reconstruction, ReconstructionReport, reconstruc
 
 from .activations import Activations
 from .adapters import Adapter
+from .distributed import world
 from .errors import LayerpressError
 from .stream import BlockContext
 
@@ -180,6 +181,9 @@ def compress_block(
     dense_outputs_pending = keep_dense_outputs
     adapter = context.staged.adapter
     stop_early = adapter.experts is None
+    ranks = world()
+    layer_costs = {name: _solve_cost(method, layer, target_for(context.layer_name(name)))
+                   for name, layer in linears.items()} if ranks.distributed else dict.fromkeys(linears, 0.0)
 
     def fresh(names: Sequence[str]) -> dict[str, Statistic]:
         """A statistic for each layer of `names` that needs one, one object for the layers sharing it."""
@@ -199,16 +203,31 @@ def compress_block(
                 dense_outputs_pending = False
             else:
                 tokens = observe(linears, statistics, forward_until_observed(context), stop_early=stop_early)
+            if ranks.distributed and context.staged.adapter.experts is not None:  # starved by all ranks' tokens
+                counts = ranks.total(torch.tensor([tokens[name] for name in sorted(tokens)], dtype=torch.int64))
+                tokens = dict(zip(sorted(tokens), counts.tolist()))
             observe_starved_experts(context, statistics, tokens, expert_min_tokens, fresh)
+        if ranks.distributed:  # every rank's statistics become the sums over all ranks' windows
+            with context.phase("combine"):
+                ranks.combine(statistics)
 
-    def compress_layer(name: str, statistic: Statistic | None) -> None:
+    def compress_layers(names: Sequence[str], statistics: dict[str, Statistic]) -> None:
+        """Compress `names` (each on the rank assigned to it), then install every result on every rank."""
         nonlocal dense_outputs_pending
         if dense_outputs_pending:
             with context.phase("observe"):
                 context.forward(keep_outputs=True)
             dense_outputs_pending = False
-        with context.phase("compress"):
-            results[name] = _compress_layer(context, method, name, statistic, target_for)
+        owners = ranks.assign({name: layer_costs[name] for name in names})
+        for name in names:  # each statistic is dropped as soon as its layer is done
+            statistic = statistics.pop(name, None)
+            if owners[name] == ranks.rank:
+                with context.phase("compress"):
+                    results[name] = _compress_layer(context, method, name, statistic, target_for)
+        if ranks.distributed:
+            with context.phase("share"):
+                for name in names:
+                    results[name] = _install(context, name, ranks.broadcast(results.get(name), owners[name]))
 
     for group in groups:
         if per_layer_statistics:
@@ -216,14 +235,12 @@ def compress_block(
                 statistics = fresh(readers)
                 if statistics:
                     observe_inputs(statistics)
-                for name in readers:
-                    compress_layer(name, statistics.pop(name, None))
+                compress_layers(readers, statistics)
         else:
             observed = fresh(group)
             if observed:
                 observe_inputs(observed)  # starved experts' statistics are replaced in it
-            for name in group:  # each statistic is dropped as soon as its last layer is done
-                compress_layer(name, observed.pop(name, None))
+            compress_layers(group, observed)  # each statistic is dropped as soon as its last layer is done
     return {name: results[name] for group in groups for name in group}  # in layer order, however observed
 
 
@@ -240,8 +257,30 @@ def _compress_layer(
     context.phase.layer = None
     if not torch.isfinite(result.weight).all():
         raise LayerpressError(f"{method.name} produced non-finite weights for {full_name}")
-    layer.weight.data.copy_(result.weight)
-    return replace(result, weight=layer.weight.data)
+    return _install(context, name, result)
+
+
+def _install(context: BlockContext, name: str, result: LayerResult) -> LayerResult:
+    """Put a layer's result (made here or on another rank) into the layer; the result then holds the layer's
+    weight, and its other tensors are on the layer's device."""
+    weight = context.linears[name].weight.data
+    weight.copy_(result.weight)
+    device = weight.device
+    mask = result.mask.to(device) if result.mask is not None else None
+    quant = result.quant
+    if quant is not None and quant.ints.device != device:
+        quant = replace(quant, ints=quant.ints.to(device), scale=quant.scale.to(device), zero=quant.zero.to(device),
+                        g_idx=quant.g_idx.to(device))
+    return replace(result, weight=weight, mask=mask, quant=quant)
+
+
+def _solve_cost(method: Method, layer: nn.Linear, target: Target) -> float:
+    """How much work compressing the layer is, to balance the ranks' shares of a block: the method's own counts
+    (LayerCost), its sequential operations weighed as a thousand flops each, and a pass over its weights (all a
+    method without solves costs)."""
+    rows, columns = layer.out_features, layer.in_features
+    cost = method.layer_cost(rows, columns, layer.weight.dtype, target)
+    return rows * columns + cost.matmul_flops + cost.factor_flops + 1e3 * cost.sequential_ops + cost.sequential_bytes
 
 
 def zero_fraction(weight: torch.Tensor) -> float:
@@ -273,8 +312,9 @@ def reconstruct_block(context: BlockContext, settings: Reconstruction, seed: int
     batches = TargetBatches(context.acts, context.device)
     try:
         with context.phase("reconstruct"):
+            ranks = world()  # under torchrun: each step one micro-batch per rank, their gradients averaged
             report = reconstruct(context.block, context.linears, context.norms, context.call, batches, settings,
-                                 generator)
+                                 generator, ranks.average if ranks.distributed else None)
     except ValueError as exc:
         raise LayerpressError(f"reconstruction of block {context.index} failed: {exc}") from exc
     log.info(

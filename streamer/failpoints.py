@@ -2,7 +2,7 @@
 
 Set LAYERPRESS_FAILPOINT=NAME:N[:ACTION] to act at the N-th time (1-based) the point NAME is reached: ACTION `kill`
 (the default) sends SIGKILL to this process, `enospc` raises the OSError of a full disk. Unset, a point costs one
-dictionary lookup.
+dictionary lookup. Under torchrun, LAYERPRESS_FAILPOINT_RANK=R makes only rank R act (unset: every rank).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def failpoint(name: str) -> None:
     if not spec:
         return
     wanted, count, *action = spec.split(":")
-    if wanted != name:
+    if wanted != name or os.environ.get("LAYERPRESS_FAILPOINT_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
         return
     _hits[name] += 1
     if _hits[name] != int(count):

@@ -82,7 +82,7 @@ class Run:
         restart: bool = False,
     ):
         self.out = out
-        self.work = out / WORK_DIR
+        self.work = self.work_dir(out)
         self._lock = None
         if out.exists() and not out.is_dir():
             raise LayerpressError(f"output path {out} is a file, not a directory")
@@ -127,6 +127,11 @@ class Run:
         --restart of this run discards it too), with this run's settings and fingerprints."""
         return Run(self.work / name, f"{self.body['command']}:{name}", self.body["settings"],
                    self.body["fingerprints"], total_blocks)
+
+    @staticmethod
+    def work_dir(out: Path) -> Path:
+        """Where a run in `out` keeps its journal, lock and persisted activations."""
+        return out / WORK_DIR
 
     # ---------------------------------------------------------------- lifecycle
     def _acquire_lock(self) -> None:

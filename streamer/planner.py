@@ -216,10 +216,18 @@ class Workload:
     seqlen: int
     command: str = "compress"
     reconstruction: Reconstruction | None = None
+    world_size: int = 1  # torchrun processes sharing the windows (streamer/distributed.py); the plan is one rank's
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise LayerpressError(f"no plan for {self.command!r}: plans cover {', '.join(COMMANDS)}")
+        if self.world_size < 1:
+            raise LayerpressError(f"--world-size must be at least 1, got {self.world_size}")
+
+    @property
+    def rank_windows(self) -> int:
+        """The windows one rank holds (the largest share)."""
+        return -(-self.nsamples // self.world_size)
 
     @property
     def structured(self) -> bool:
@@ -330,7 +338,7 @@ class Planner:
     # ------------------------------------------------------------------ memory
     def activation_buffer_bytes(self) -> int:
         w = self.workload
-        return w.nsamples * w.seqlen * self.shapes.hidden * self.shapes.dtype.itemsize
+        return w.rank_windows * w.seqlen * self.shapes.hidden * self.shapes.dtype.itemsize
 
     def forward_transient(self, micro_batch: int) -> int:
         s, seqlen = self.shapes, self.workload.seqlen
@@ -530,7 +538,7 @@ class Planner:
         if micro_batch is not None:
             sizes = [micro_batch]
         else:
-            largest = max(1, min(w.nsamples, TOKENS_PER_FORWARD.get(self.device_type, 0) // w.seqlen))
+            largest = max(1, min(w.rank_windows, TOKENS_PER_FORWARD.get(self.device_type, 0) // w.seqlen))
             sizes = [2**k for k in range(largest.bit_length() - 1, -1, -1)]
         return [Choice(size, place, per_layer) for per_layer in statistics for place in places for size in sizes]
 
@@ -590,6 +598,7 @@ class Speed:
     how: str = ""
     matmul_tf32: float = 0.0  # FLOP/s of a float32 matmul on TF32 tensor cores (0: none, as on a CPU)
     matmul_bf16: float = 0.0  # FLOP/s of a bfloat16 matmul accumulating in float32 (0: not known)
+    interconnect: float | None = None  # bytes/s between two ranks of a torchrun job (None: DEFAULT_INTERCONNECT)
 
     def forward_rate(self, dtype: torch.dtype) -> float:
         """The block forward's matmul rate in compute `dtype`: float32 forwards run without TF32 (torch's default
@@ -712,9 +721,12 @@ def _disk_speed(scratch: Path | None, size: int = 64 * 2**20) -> tuple[float, fl
     return read, write, str(directory)
 
 
+DEFAULT_INTERCONNECT = 1e9  # bytes/s: gloo over loopback TCP on one host, about what this project's machine moves
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """Seconds per block of each phase, and the run's total."""
+    """Seconds per block of each phase (one rank's under torchrun), and the run's total."""
 
     read: float
     compute: float
@@ -723,12 +735,13 @@ class Estimate:
     embed: float
     blocks: int
     prefetch: bool
+    exchange: float = 0.0  # torchrun: statistics summed across ranks, results broadcast (not overlapped)
 
     @property
     def per_block(self) -> float:
         if self.prefetch:
-            return max(self.read, self.compute, self.write) + self.persist
-        return self.read + self.compute + self.write + self.persist
+            return max(self.read, self.compute + self.exchange, self.write) + self.persist
+        return self.read + self.compute + self.exchange + self.write + self.persist
 
     @property
     def total(self) -> float:
@@ -738,7 +751,7 @@ class Estimate:
 def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
     """Work counted from the shapes (forward and statistic flops, the methods' own counts) over measured rates."""
     s, w = planner.shapes, planner.workload
-    tokens = w.nsamples * w.seqlen
+    tokens = w.rank_windows * w.seqlen  # one rank's (all of them in one process)
     forward = tokens * (2.0 * s.linear_parameters + 4.0 * w.seqlen * s.hidden)
     matmul = speed.forward_rate(s.dtype)
     seconds = forward / matmul  # propagate
@@ -756,10 +769,12 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
             cost = planner.layers[readers[0]].cost
             seconds += tokens * (cost.update_flops_per_token / speed.statistic_rate(cost.update_precision)
                                  + cost.update_moved_bytes_per_token / speed.bandwidth)
-        for layer in planner.layers.values():
+        solves = {}
+        for name, layer in planner.layers.items():
             cost = layer.cost
-            seconds += cost.matmul_flops / speed.matmul32 + cost.factor_flops / speed.factor
-            seconds += cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
+            solves[name] = cost.matmul_flops / speed.matmul32 + cost.factor_flops / speed.factor \
+                + cost.sequential_ops * speed.op_latency + cost.sequential_bytes / speed.bandwidth
+        seconds += _slowest_rank(solves, w.world_size if w.command == "compress" else 1)
     buffer = planner.activation_buffer_bytes()
     writes = w.command == "compress"
     return Estimate(
@@ -770,7 +785,31 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         embed=s.pre_stage_bytes / speed.read + tokens * 2.0 * s.hidden / matmul,
         blocks=s.blocks,
         prefetch=planner.prefetch,
+        exchange=_exchange_seconds(planner, speed),
     )
+
+
+def _slowest_rank(solves: dict[str, float], world_size: int) -> float:
+    """The seconds of the most loaded rank when a block's layer solves are shared as the block loop shares them
+    (streamer/block.py: costliest first, each to the least loaded rank)."""
+    loads = [0.0] * world_size
+    for name in sorted(solves, key=lambda name: -solves[name]):
+        loads[loads.index(min(loads))] += solves[name]
+    return max(loads)
+
+
+def _exchange_seconds(planner: Planner, speed: Speed) -> float:
+    """What a block's collectives take under torchrun: each statistic summed by a ring all-reduce (each rank sends
+    2(N − 1)/N of its bytes), and compress's results (weight and mask) broadcast from the rank that solved them."""
+    w = planner.workload
+    if w.world_size == 1 or w.method is None:
+        return 0.0
+    share = 2 * (w.world_size - 1) / w.world_size
+    moved = sum(share * layer.statistic for layer in planner.layers.values())
+    if w.command == "compress":
+        moved += sum(layer.linear.rows * layer.linear.columns * (planner.shapes.dtype.itemsize + 1)
+                     for layer in planner.layers.values())
+    return moved / (speed.interconnect or DEFAULT_INTERCONNECT)
 
 
 def _observed_fraction(planner: Planner, choice: Choice) -> float:
@@ -835,7 +874,9 @@ class Plan:
         largest = max(p.layers.values(), key=lambda n: n.statistic + n.cost.working_bytes)
         data = "evaluation windows" if w.command == "eval" else "calibration"
         lines = [
-            f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}, "
+            f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}"
+            + (f" ({w.rank_windows} windows per rank of {w.world_size}: every figure below is one rank's)"
+               if w.world_size > 1 else "") + ", "
             f"on {p.device_type} in {str(s.dtype).removeprefix('torch.')}; {budget}",
             f"settings that fit: {self.choice.describe(p.device_type, p.observes)}"
             + (f"; statistics and solves in {str(p.statistic_dtype).removeprefix('torch.')}"
@@ -858,8 +899,9 @@ class Plan:
             overlap = "read and write overlapped with compute" if e.prefetch else "read, compute, write in turn"
             lines.append(
                 f"time: about {e.total / 3600:.2f} h = {e.blocks} blocks x {e.per_block:.1f} s (per block: read "
-                f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s; "
-                f"{overlap}) + embed {e.embed:.1f} s"
+                f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s"
+                + (f", exchange between ranks {e.exchange:.1f} s at {gib(self.speed.interconnect or DEFAULT_INTERCONNECT)}"
+                   "/s" if w.world_size > 1 else "") + f"; {overlap}) + embed {e.embed:.1f} s"
             )
             lines.append(f"throughput: {self.speed.how}")
         return "\n".join(lines)

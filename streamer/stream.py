@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .activations import Activations
 from .data import Calibration, CalibrationOptions
 from .decoded import open_checkpoint
+from .distributed import world
 from .errors import LayerpressError
 from .failpoints import failpoint
 from .journal import Run
@@ -168,9 +169,13 @@ def stream_blocks(
     last block's outputs. `lengths`: the tokens of each right-padded window, longest first (see Activations);
     causal attention keeps the padding out of every real token's states.
     """
+    ranks = world()
+    share = ranks.share(len(windows))  # under torchrun this rank's windows only; all of them otherwise
+    windows, lengths = windows[share], lengths[share] if lengths is not None else None
+    offload_dir = ranks.own(options.offload_dir) if options.offload_dir is not None else None
     acts = Activations(
         len(windows), windows.shape[1], staged.config.hidden_size, staged.dtype, options.micro_batch,
-        options.offload_dir, options.device if options.activations_on_device else None, lengths,
+        offload_dir, options.device if options.activations_on_device else None, lengths,
     )
     start = run.blocks_done if run is not None else 0
     with staged.pre_stage() as embedder:
@@ -182,8 +187,9 @@ def stream_blocks(
                 tokens = slice(0, acts.length(batch))
                 acts.inputs.data[batch, tokens] = embedder.embed(windows[batch, tokens])
     log.info(
-        "%d windows of %d tokens ready; starting at block %d of %d%s", len(windows), windows.shape[1], start + 1,
-        staged.num_blocks, " (resumed)" if start else "",
+        "%d windows of %d tokens ready%s; starting at block %d of %d%s", len(windows), windows.shape[1],
+        f" on {ranks.describe()}" if ranks.distributed else "", start + 1, staged.num_blocks,
+        " (resumed)" if start else "",
     )
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-prefetch") as reader:
@@ -208,6 +214,10 @@ def stream_blocks(
             if run is not None:
                 with phase("persist"):
                     inputs_file = _persist_inputs(acts, run, index + 1)
+                    # every rank's inputs are durable once all have sent their path; the journal lists them
+                    rank_inputs = ranks.gather(str(inputs_file))
+                if ranks.distributed:
+                    record = {**record, "rank_inputs": rank_inputs}
             if settle is not None:
                 record = {**record, **settle(context)}
             peak = _device_peak(options, index)
@@ -238,7 +248,7 @@ def remove_offloaded_activations(options: StreamOptions) -> None:
     """A finished pass no longer needs its --offload-activations files."""
     if options.offload_dir is not None:
         for i in (0, 1):
-            (options.offload_dir / f"activations-{i}.bin").unlink(missing_ok=True)
+            (world().own(options.offload_dir) / f"activations-{i}.bin").unlink(missing_ok=True)
 
 
 def _persist_inputs(acts: Activations, run: Run, block: int) -> Path:

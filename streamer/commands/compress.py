@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from ..block import DEFAULT_EXPERT_MIN_TOKENS, compress_block, reconstruct_block
 from ..checkpoint import Checkpoint
 from ..data import Calibration, CalibrationOptions
 from ..decoded import DecodedCheckpoint
+from ..distributed import world
 from ..errors import LayerpressError
 from ..formats import FORMATS, Format, LayerPlan
 from ..gradient_norms import GradientNorms
@@ -207,7 +209,7 @@ def plan_compress(settings: CompressSettings, staged: StagedModel, seqlen: int) 
     """The memory plan of this run (explicit settings win; a resumed run keeps its micro-batch); refuses
     (LayerpressError) a run that cannot fit."""
     workload = Workload(settings.method, settings.target, settings.calibration.nsamples, seqlen,
-                        reconstruction=settings.reconstruction)
+                        reconstruction=settings.reconstruction, world_size=world().size)
     return plan_pass(staged, workload, settings.stream, settings.plan_choices, settings.out, settings.restart,
                      settings.true_sequential)
 
@@ -287,8 +289,9 @@ def _compress(settings: CompressSettings, calibrated: Calibrated, stream: Stream
     reconstruction = settings.reconstruction
     encoded = lambda name: layers.format.specs(layers.plans[name]) if name in layers.plans else None  # noqa: E731
     specs = output_specs(staged, encoded)
-    with model_output(settings.out, staged, specs, settings.max_shard_bytes, run) as writer, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-writer") as background:
+    writes = world().is_writer  # under torchrun rank 0 alone writes; every rank compresses and propagates
+    output = model_output(settings.out, staged, specs, settings.max_shard_bytes, run) if writes else nullcontext()
+    with output as writer, ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-writer") as background:
         pending: list[Future[float]] = []
 
         def process(context: BlockContext) -> dict[str, Any]:
@@ -302,9 +305,10 @@ def _compress(settings: CompressSettings, calibrated: Calibrated, stream: Stream
             if reconstruction.enabled:
                 report = reconstruct_block(context, reconstruction, settings.calibration.seed)
                 journal["reconstruction"] = {str(context.index): asdict(report)}
-            with context.phase("encode"):
-                tensors = encoded_block_state(staged, context.index, layers.format, layers.plans, results)
-            pending.append(background.submit(write_block, writer, tensors.items()))
+            if writes:
+                with context.phase("encode"):
+                    tensors = encoded_block_state(staged, context.index, layers.format, layers.plans, results)
+                pending.append(background.submit(write_block, writer, tensors.items()))
             sparsity = {context.layer_name(name): zero_fraction(result.weight) for name, result in results.items()}
             log.info("block %d/%d: sparsity %.2f%% over %d layers", context.index + 1, staged.num_blocks,
                      100 * sum(sparsity.values()) / max(len(sparsity), 1), len(sparsity))
@@ -312,11 +316,15 @@ def _compress(settings: CompressSettings, calibrated: Calibrated, stream: Stream
 
         def settle(context: BlockContext) -> dict[str, Any]:
             """Wait until the block is on disk (the journal may then record it)."""
+            if not writes:
+                return {}
             with context.phase("write wait"):
                 context.phase.seconds["write"] = pending.pop().result()
             return {"writer": asdict(writer.state)}
 
         stream_blocks(staged, calibrated.windows, stream, process, run, desc="compress", settle=settle)
+        if not writes:
+            return
         config = output_config(staged, layers.format, layers.plans, {**record, "layer_sparsity": run.body["layers"]})
         if reconstruction.enabled:
             config["layerpress"]["reconstruction_summary"] = reconstruction_summary(

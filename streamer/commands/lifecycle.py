@@ -3,8 +3,10 @@
     check the output is not the input ─► claim the directory: fresh, resumed or complete ─► work ─► release
 
 The claim is a `Run` (streamer/journal.py): its journal holds what is done and with which settings, its lock keeps
-a second process out, and a run with other settings is refused with the differences listed. This is also where
-distributed ranks will agree on a claim (one rank writes and journals, every rank reads where to resume).
+a second process out, and a run with other settings is refused with the differences listed. Under torchrun rank 0
+claims the directory and journals; the other ranks wait for its claim, then follow its journal (`FollowerRun`):
+where to resume, and their own persisted activations. The world size is one of the run's settings: a partial run
+resumes only with the world size that started it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LayerpressError
-from ..journal import Run
+from ..distributed import World, world
+from ..errors import LayerpressError, RankFollows
+from ..journal import Run, read_journal
 
 log = logging.getLogger("layerpress")
 
@@ -36,7 +39,10 @@ class RunRequest:
     def execute(self, settings: dict[str, Any], fingerprints: dict[str, str], total_blocks: int,
                 work: Callable[[Run], None]) -> None:
         """Claim the directory for these settings, run `work` unless the run is complete already, release it."""
-        run = Run(self.out, self.command, settings, fingerprints, total_blocks, restart=self.restart)
+        ranks = world()
+        if ranks.distributed:
+            settings = {**settings, "world_size": ranks.size}
+        run = self._claim(ranks, settings, fingerprints, total_blocks)
         try:
             if run.complete:
                 log.info("%s is already complete; nothing to do (use --restart to redo it)", self.out)
@@ -44,3 +50,79 @@ class RunRequest:
                 work(run)
         finally:
             run.close()
+
+    def _claim(self, ranks: World, settings: dict[str, Any], fingerprints: dict[str, str],
+               total_blocks: int) -> Run:
+        """Rank 0's claim (refusals broadcast, so that every rank stops on them), or a follower of it."""
+        refusal, run = None, None
+        if ranks.is_writer:
+            try:
+                self._check_world_size(settings.get("world_size", 1))
+                run = Run(self.out, self.command, settings, fingerprints, total_blocks, restart=self.restart)
+            except LayerpressError as exc:
+                refusal = str(exc)
+        refusal = ranks.broadcast(refusal, owner=0)
+        if refusal is not None:
+            raise LayerpressError(refusal) if ranks.is_writer else RankFollows(refusal)
+        return run if run is not None else FollowerRun(self.out, ranks)
+
+    def _check_world_size(self, size: int) -> None:
+        """A partial run resumes only with the world size that started it (its windows are shared by rank)."""
+        if self.restart or not self.out.is_dir():
+            return
+        body = read_journal(self.out)
+        started = body["settings"].get("world_size", 1) if body is not None else size
+        if body is not None and body["state"] != "complete" and started != size:
+            raise LayerpressError(
+                f"{self.out} holds a partial run started by {started} process(es) (torchrun world size): resume it "
+                f"with world size {started}, not {size}, or add --restart to discard it"
+            )
+
+
+class FollowerRun:
+    """Rank r > 0's view of the run rank 0 journals: where to resume, and this rank's own persisted inputs.
+
+    The journal lists every rank's inputs file (`rank_inputs`). A follower removes its older inputs files only two
+    blocks later: by then rank 0 has journaled a later block, so no journal names them any more."""
+
+    def __init__(self, out: Path, ranks: World):
+        self.out, self.ranks = out, ranks
+        body = read_journal(out)
+        if body is None:
+            raise LayerpressError(f"{ranks.describe()}: rank 0 claimed {out} but its journal is not readable here "
+                                  "(every rank must see the same filesystem)")
+        self.body = body
+        self.work = Run.work_dir(out)
+        self._kept: list[Path] = [self.inputs_file] if self.inputs_file is not None else []
+
+    @property
+    def complete(self) -> bool:
+        return self.body["state"] == "complete"
+
+    @property
+    def blocks_done(self) -> int:
+        return self.body["blocks_done"]
+
+    @property
+    def inputs_file(self) -> Path | None:
+        paths = self.body.get("rank_inputs")
+        return Path(paths[self.ranks.rank]) if paths and self.blocks_done else None
+
+    def persisted_inputs_path(self, block: int) -> Path:
+        return self.work / f"inputs-{block:05d}.rank{self.ranks.rank}.bin"
+
+    def record_block(self, index: int, inputs_file: Path | None, record: dict[str, Any], timing: dict) -> None:
+        self.body["blocks_done"] = index + 1
+        self.record(record)
+        if inputs_file is not None and inputs_file not in self._kept:
+            self._kept.append(inputs_file)
+        while len(self._kept) > 2:
+            stale = self._kept.pop(0)
+            if stale.parent == self.work:
+                stale.unlink(missing_ok=True)
+
+    def record(self, record: dict[str, Any], timing: dict | None = None) -> None:
+        self.body.update(record)
+
+    def close(self) -> None:
+        """Nothing to release: rank 0 holds the lock."""

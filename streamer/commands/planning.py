@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from ..distributed import world
 from ..journal import WORK_DIR, read_journal
 from ..model import StagedModel
 from ..planner import Budget, Plan, Workload, plan_run, process_baseline
@@ -61,8 +62,9 @@ def plan_pass(
 
 def planned_stream(stream: StreamOptions, plan: Plan, out: Path | None) -> StreamOptions:
     """The stream options the pass uses: the user's, with the plan's micro-batch and activation place (activations
-    the plan sends to disk go under OUT/.layerpress/activations unless the user named a directory)."""
-    choice, offload_dir = plan.choice, stream.offload_dir
+    the plan sends to disk go under OUT/.layerpress/activations unless the user named a directory). Under torchrun
+    every rank takes rank 0's choice, so that the ranks' micro-batches agree run after run."""
+    choice, offload_dir = world().broadcast(plan.choice, owner=0), stream.offload_dir  # rank 0's, on every rank
     if offload_dir is None and choice.activations == "disk" and out is not None:
         offload_dir = out / WORK_DIR / "activations"
     return replace(stream, micro_batch=choice.micro_batch, offload_dir=offload_dir,

@@ -34,6 +34,7 @@ from methods.statistics import Gram
 from ..allocation import SCORES_FILE
 from ..block import forward_until_observed, observe, statistic_readers
 from ..data import CalibrationOptions
+from ..distributed import world
 from ..errors import LayerpressError
 from ..files import atomic_write
 from ..journal import Run
@@ -69,7 +70,7 @@ class ScoreSettings:
     def workload(self, seqlen: int) -> Workload:
         """The score pass as the memory planner sees it: a compress run that writes nothing."""
         return Workload(self.scorer, Target(sparsity=max(self.scorer.sparsities)), self.calibration.nsamples, seqlen,
-                        command="scores")
+                        command="scores", world_size=world().size)
 
     def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions) -> dict[str, Any]:
         """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
@@ -112,6 +113,8 @@ def score(settings: ScoreSettings) -> Path:
             return {"layers": {name: {**record, "cmpq": cmpq} for name, record in scored.pop(context.index).items()}}
 
         stream_blocks(staged, calibrated.windows, stream, process, run, desc="scores", settle=settle)
+        if not world().is_writer:
+            return
         document = {"model": str(settings.model), **record, "layers": run.body["layers"]}
         atomic_write(settings.out / SCORES_FILE, json.dumps(document, indent=1).encode())
         run.finish({"seconds": time.perf_counter() - started})
@@ -130,6 +133,7 @@ def block_sensitivity(context: BlockContext, scorer: Scorer) -> float:
     with context.phase("correlate"):
         for batch in acts.batches():
             correlation.update(acts.outputs.data[batch].to(context.device), acts.inputs.data[batch].to(context.device))
+        world().combine({"block": correlation})  # under torchrun: every rank's windows
         return correlation.sensitivity()
 
 
@@ -141,6 +145,7 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
     weights change only after every layer is scored, so each layer sees the same inputs either way. Layers that
     read one input (q/k/v, gate/up) share its Gram."""
     linears = context.linears
+    ranks = world()  # under torchrun each rank's Grams become all ranks' sums; every rank then scores every layer
     scores: dict[str, LayerScore] = {}
     diagonals: dict[str, torch.Tensor] = {}  # diag H of each layer, for its Wanda scores
 
@@ -160,6 +165,7 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
             gram = scorer.statistic(linears[readers[0]])
             with context.phase("observe"):
                 observe(linears, dict.fromkeys(readers, gram), forward_until_observed(context), stop_early=True)
+                ranks.combine(dict.fromkeys(readers, gram))
             for name in readers:
                 score(name, gram)
             del gram
@@ -169,6 +175,7 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
             grams.update(dict.fromkeys(readers, scorer.statistic(linears[readers[0]])))
         with context.phase("observe"):
             observe(linears, grams, context.forward)
+            ranks.combine(grams)
         for name in linears:  # each Gram is dropped once its layer is scored
             score(name, grams.pop(name))
     outliers = scorer.outliers(linears, diagonals)
