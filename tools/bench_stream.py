@@ -121,7 +121,9 @@ def phase_shares(body: dict) -> dict:
 
 def eval_ppl(model: Path) -> float:
     result = run_measured(["-q", "eval", "--model", str(model), "--device", "cpu", *PROTOCOL_EVALUATION])
-    return json.loads(result["output"].strip().splitlines()[-1])["ppl"]
+    # the last line of its own: the launcher's peak line (stderr, merged into the output) comes after it
+    lines = [line for line in result["output"].strip().splitlines() if not line.startswith(PEAK_LINE)]
+    return json.loads(lines[-1])["ppl"]
 
 
 def ensure_smollm2() -> None:
