@@ -69,7 +69,21 @@ def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return differences
 
 
-class Run:
+class JournalProgress:
+    """How far a run is, read from its journal's body (the writing run's, or a torchrun follower's copy)."""
+
+    body: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return self.body["state"] == "complete"
+
+    @property
+    def blocks_done(self) -> int:
+        return self.body["blocks_done"]
+
+
+class Run(JournalProgress):
     """One command's claim on an output directory: fresh, resumed, or already complete."""
 
     def __init__(
@@ -173,14 +187,6 @@ class Run:
             self._lock = None
 
     # ---------------------------------------------------------------- progress
-    @property
-    def complete(self) -> bool:
-        return self.body["state"] == "complete"
-
-    @property
-    def blocks_done(self) -> int:
-        return self.body["blocks_done"]
-
     @property
     def inputs_file(self) -> Path | None:
         """Where the inputs of the next block are persisted (None: not yet, embed the calibration windows)."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..distributed import World, world
 from ..errors import LayerpressError, RankFollows
-from ..journal import Run, read_journal
+from ..journal import JournalProgress, Run, read_journal
 
 log = logging.getLogger("layerpress")
 
@@ -79,7 +79,7 @@ class RunRequest:
             )
 
 
-class FollowerRun:
+class FollowerRun(JournalProgress):
     """Rank r > 0's view of the run rank 0 journals: where to resume, and this rank's own persisted inputs.
 
     The journal lists every rank's inputs file (`rank_inputs`). A follower removes its older inputs files only two
@@ -94,14 +94,6 @@ class FollowerRun:
         self.body = body
         self.work = Run.work_dir(out)
         self._kept: list[Path] = [self.inputs_file] if self.inputs_file is not None else []
-
-    @property
-    def complete(self) -> bool:
-        return self.body["state"] == "complete"
-
-    @property
-    def blocks_done(self) -> int:
-        return self.body["blocks_done"]
 
     @property
     def inputs_file(self) -> Path | None:
