@@ -47,7 +47,7 @@ GiB = 2**30
 
 
 def model_config(family: str, hidden: int, ffn: int, blocks: int, vocab: int):
-    from transformers import BloomConfig, FalconConfig, MixtralConfig, OPTConfig
+    from transformers import BloomConfig, FalconConfig, MixtralConfig, OPTConfig, Qwen3MoeConfig
 
     heads = hidden // 128
     if family == "falcon":  # Falcon-40B/180B: heads of 64, grouped key/values, two norms, rotary
@@ -60,6 +60,11 @@ def model_config(family: str, hidden: int, ffn: int, blocks: int, vocab: int):
         return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=blocks,
                              num_attention_heads=heads, num_key_value_heads=8, num_local_experts=8,
                              num_experts_per_tok=2, tie_word_embeddings=False, dtype="float16")
+    if family == "qwen3_moe":  # Qwen3-235B-A22B: 128 experts of --ffn, 8 per token, 64 heads of 128, 4 key/values
+        return Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, moe_intermediate_size=ffn,
+                              intermediate_size=3 * ffn, num_hidden_layers=blocks, num_attention_heads=64,
+                              num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                              tie_word_embeddings=False, dtype="float16")
     if family == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=blocks,
                          num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=hidden,
@@ -206,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     making = commands.add_parser("make", help="save a random-weight (or shape-only) checkpoint")
-    making.add_argument("family", choices=("opt", "bloom", "falcon", "mixtral"))
+    making.add_argument("family", choices=("opt", "bloom", "falcon", "mixtral", "qwen3_moe"))
     making.add_argument("--hidden", type=int, required=True)
     making.add_argument("--ffn", type=int, default=None, help="MLP width (default: 4 x hidden)")
     making.add_argument("--blocks", type=int, default=1)
