@@ -30,10 +30,13 @@ weight W, with Y = XWᵀ the layer's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .base import Target
 from .masks import lowest_overall, selection_bytes
+from .statistics import total_count
 
 POLICIES = ("cmpq", "cmpq-noise", "pmpq", "tdmpq")
 RIDGE = 1e-6  # of the largest variance: directions below it carry no signal to correlate (and no inverse)
@@ -85,11 +88,11 @@ class BlockCorrelation:
         self.yy.addmm_(y.T, y)
         self.xy.addmm_(x.T, y)
 
-    def combine(self, total) -> None:
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Every share's moments summed (`total` sums a tensor over the shares, as Statistic.combine's does)."""
         for moment in (self.sums, self.xx, self.yy, self.xy):
             total(moment)
-        self.tokens = int(total(torch.tensor([self.tokens], dtype=torch.int64, device=self.sums.device)).item())
+        self.tokens = total_count(total, self.tokens, self.sums.device)
 
     def correlations(self) -> torch.Tensor:
         """The canonical correlations (descending): singular values of Cxx^-½ Cxy Cyy^-½, each side whitened over

@@ -84,7 +84,7 @@ class Gram(Statistic):
 
     def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
         total(self._sum)
-        self.tokens = _total_count(total, self.tokens, self._sum.device)
+        self.tokens = total_count(total, self.tokens, self._sum.device)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -101,7 +101,7 @@ class Gram(Statistic):
         return self._sum * self.scale
 
 
-def _total_count(total: Callable[[torch.Tensor], torch.Tensor], count: int, device: torch.device) -> int:
+def total_count(total: Callable[[torch.Tensor], torch.Tensor], count: int, device: torch.device) -> int:
     """A token count summed over the shares (through a tensor, as `total` sums tensors)."""
     return int(total(torch.tensor([count], dtype=torch.int64, device=device)).item())
 
@@ -183,7 +183,7 @@ class Moments(Statistic):
     def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """The shares' pooled moments: the mean from the summed Σx, the deviations from the pooled mean as each
         share's own plus its count times its mean's squared distance from the pooled one (Chan et al. again)."""
-        tokens = _total_count(total, self.tokens, self.mean.device)
+        tokens = total_count(total, self.tokens, self.mean.device)
         mean = total(self.mean * self.tokens) / max(tokens, 1)
         self._deviations = total(self._deviations + (self.mean - mean).pow(2) * self.tokens)
         self.mean, self.tokens = mean, tokens
