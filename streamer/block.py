@@ -203,7 +203,7 @@ def compress_block(
                 dense_outputs_pending = False
             else:
                 tokens = observe(linears, statistics, forward_until_observed(context), stop_early=stop_early)
-            if ranks.distributed and context.staged.adapter.experts is not None:  # starved by all ranks' tokens
+            if ranks.distributed and adapter.experts is not None:  # starved by all ranks' tokens
                 counts = ranks.total(torch.tensor([tokens[name] for name in sorted(tokens)], dtype=torch.int64))
                 tokens = dict(zip(sorted(tokens), counts.tolist()))
             observe_starved_experts(context, statistics, tokens, expert_min_tokens, fresh)
