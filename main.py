@@ -154,14 +154,22 @@ def add_method(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--true-sequential", action="store_true",
                         help="observe each group of layers (q/k/v, out, mlp up, mlp down) on inputs that went "
                         "through the already-compressed groups before it")
-    parser.add_argument("--expert-min-tokens", type=int, default=DEFAULT_EXPERT_MIN_TOKENS, metavar="N",
-                        help="mixture of experts: an expert the router sends fewer calibration tokens takes its "
-                        f"statistics from all of them (the block's output keeps the real routing; default "
-                        f"{DEFAULT_EXPERT_MIN_TOKENS}; a number above the calibration tokens: every expert so)")
+    add_experts(parser)
     method_options = parser.add_argument_group("method options")
     sharing = {cls.add_arguments.__func__: cls for cls in METHODS.values()}  # sparsegpt and gptq share options
     for cls in sharing.values():
         cls.add_arguments(method_options)
+
+
+def add_experts(parser: argparse.ArgumentParser) -> None:
+    """Mixture-of-experts options, shared by compress and scores (whose scores an allocation matches to layers)."""
+    parser.add_argument("--expert-min-tokens", type=int, default=DEFAULT_EXPERT_MIN_TOKENS, metavar="N",
+                        help="mixture of experts: an expert the router sends fewer calibration tokens takes its "
+                        f"statistics from all of them (the block's output keeps the real routing; default "
+                        f"{DEFAULT_EXPERT_MIN_TOKENS}; a number above the calibration tokens: every expert so)")
+    parser.add_argument("--compress-router", action="store_true",
+                        help="mixture of experts: compress the router too, observed on every token (default: kept "
+                        "as it is; dense output only)")
 
 
 def add_output(parser: argparse.ArgumentParser, max_shard_default: str | None = "5GB") -> None:
@@ -273,6 +281,7 @@ def add_scores_arguments(parser: argparse.ArgumentParser, planning: bool = False
     parser.add_argument("--cca-noise", type=float, default=0.01,
                         help="cmpq-noise: the output noise its canonical correlations are taken under, relative to the "
                         "layer's mean output variance (default: 0.01)")
+    add_experts(parser)
     add_calibration(parser)
     add_planning(parser)
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out and start over")
@@ -503,6 +512,7 @@ def compress_settings(args: argparse.Namespace):
         dtype=compute_dtype(args),
         true_sequential=args.true_sequential,
         expert_min_tokens=args.expert_min_tokens,
+        compress_router=args.compress_router,
         max_shard_bytes=args.max_shard_size,
         restart=args.restart,
         stream=stream_options(args),
@@ -537,6 +547,7 @@ def run_plan(args: argparse.Namespace) -> None:
         offload=getattr(args, "offload_activations", None) is not None,
         statistics_per_layer=args.statistics_per_layer, speed=args.speed, save_speed=args.save_speed,
         evaluation=(args.data, args.windows) if args.planned == "eval" else None,
+        compress_router=getattr(args, "compress_router", False),
     ))
     print(result.describe())
     if result.estimate is None:
@@ -558,7 +569,7 @@ def planned_workload(args: argparse.Namespace):
         from streamer.commands.scores import ScoreSettings
 
         settings = ScoreSettings(model=args.model, out=args.out, scorer=make_scorer(args), inputs=args.inputs,
-                                 calibration=calibration_options(args))
+                                 calibration=calibration_options(args), compress_router=args.compress_router)
         return settings.workload(args.seqlen)
     return Workload(None, Target(), getattr(args, "nsamples", 1), args.seqlen, command=args.planned)
 
@@ -585,7 +596,7 @@ def run_scores(args: argparse.Namespace) -> None:
     settings = ScoreSettings(
         model=args.model, out=args.out, scorer=make_scorer(args), calibration=calibration_options(args),
         inputs=args.inputs, dtype=compute_dtype(args), restart=args.restart, stream=stream_options(args),
-        planning=plan_choices(args),
+        planning=plan_choices(args), expert_min_tokens=args.expert_min_tokens, compress_router=args.compress_router,
     )
     written = score(settings)
     if world().is_writer:

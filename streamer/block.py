@@ -43,6 +43,11 @@ log = logging.getLogger("layerpress")
 DEFAULT_EXPERT_MIN_TOKENS = 16  # fewer routed calibration tokens than this: an expert's statistics from all tokens
 
 
+def check_expert_min_tokens(count: int) -> None:
+    if count < 1:
+        raise LayerpressError("--expert-min-tokens must be at least 1: an expert without tokens has no statistics")
+
+
 class LayersObserved(Exception):
     """Every observed layer has its inputs for this micro-batch: the rest of the block's forward is not needed."""
 
@@ -124,10 +129,14 @@ def observe_starved_experts(
     """The rule for experts the router sends few or no calibration tokens: an expert whose layers saw fewer than
     `min_tokens` takes its statistics from every calibration token instead (its layers observed again, the block's
     output keeping the real routing), logged with its token count. Replaces those layers' `statistics` with
-    `fresh(names)`'s."""
+    `fresh(names)`'s. Under torchrun `tokens` are this rank's: an expert is starved by all ranks' tokens."""
     layout = context.staged.adapter.experts
     if layout is None:
         return
+    ranks = world()
+    if ranks.distributed:
+        counts = ranks.total(torch.tensor([tokens[name] for name in sorted(tokens)], dtype=torch.int64))
+        tokens = dict(zip(sorted(tokens), counts.tolist()))
     starved = [name for name in statistics if layout.expert_of(name) is not None and tokens[name] < min_tokens]
     if not starved:
         return
@@ -203,9 +212,6 @@ def compress_block(
                 dense_outputs_pending = False
             else:
                 tokens = observe(linears, statistics, forward_until_observed(context), stop_early=stop_early)
-            if ranks.distributed and adapter.experts is not None:  # starved by all ranks' tokens
-                counts = ranks.total(torch.tensor([tokens[name] for name in sorted(tokens)], dtype=torch.int64))
-                tokens = dict(zip(sorted(tokens), counts.tolist()))
             observe_starved_experts(context, statistics, tokens, expert_min_tokens, fresh)
         if ranks.distributed:  # every rank's statistics become the sums over all ranks' windows
             with context.phase("combine"):

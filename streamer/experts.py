@@ -10,6 +10,7 @@ skeleton with one `nn.Linear` per expert matrix instead, named as the checkpoint
 `UnfusedExperts.forward` computes what transformers' fused experts compute, expert by expert. Its
 `observe_all` experts (for statistics only) run on every token: their routed outputs are the rows of those
 tokens, so the block's output keeps the real routing while their layers' hooks see all tokens once.
+`LinearRouter` makes the router a linear layer, for --compress-router.
 """
 
 from __future__ import annotations
@@ -76,3 +77,31 @@ def unfuse_experts(block: nn.Module, layout: ExpertLayout) -> None:
                 getattr(expert, layout.up).weight.copy_(gate_up[index, intermediate:])
                 getattr(expert, layout.down).weight.copy_(down[index])
     setattr(block.get_submodule(parent) if parent else block, leaf, UnfusedExperts(experts))
+
+
+class LinearRouter(nn.Linear):
+    """A top-k router as a linear layer (the same [experts, H] `weight`, so the same checkpoint name), so that
+    --compress-router compresses it like any other layer. Its forward is the family's own router's, called on this
+    module: transformers' routers use only `weight` and the attributes copied here."""
+
+    ROUTING_ATTRIBUTES = ("top_k", "num_experts", "hidden_dim", "norm_topk_prob")
+
+    def __init__(self, router: nn.Module):
+        experts, hidden = router.weight.shape
+        super().__init__(hidden, experts, bias=False, device=router.weight.device, dtype=router.weight.dtype)
+        for attribute in self.ROUTING_ATTRIBUTES:
+            if hasattr(router, attribute):
+                setattr(self, attribute, getattr(router, attribute))
+        self._route = type(router).forward
+        if router.weight.device.type != "meta":
+            with torch.no_grad():
+                self.weight.copy_(router.weight)
+
+    def forward(self, hidden: torch.Tensor):  # the router's outputs: logits, top-k weights, top-k indices
+        return self._route(self, hidden)
+
+
+def linear_router(block: nn.Module, layout: ExpertLayout) -> None:
+    """Replace the block's router by a LinearRouter that routes the same way."""
+    parent, _, leaf = layout.router.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, LinearRouter(block.get_submodule(layout.router)))

@@ -25,6 +25,7 @@ from . import hostmemory
 from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import LayerpressError
+from .experts import linear_router
 from .structure import GroupLayout, Skeleton, build_skeleton
 
 
@@ -110,11 +111,14 @@ class StagedModel:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None, add_biases: bool = False
+        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None = None, add_biases: bool = False,
+        compress_router: bool = False,
     ):
         """add_biases: set the family's bias flags (Adapter.bias_flags), so that the block's linear layers get bias
-        tensors; the ones the checkpoint lacks start at zero and are new output tensors (see `config_changes`)."""
+        tensors; the ones the checkpoint lacks start at zero and are new output tensors (see `config_changes`).
+        compress_router: a mixture of experts' router is one of the compressible layers (a LinearRouter)."""
         self.checkpoint = checkpoint
+        self.compress_router = compress_router
         self.device = device
         self.dtype = dtype or checkpoint_dtype(checkpoint)
         try:
@@ -123,6 +127,8 @@ class StagedModel:
             raise LayerpressError(f"cannot read the model config in {checkpoint.directory}: {exc}") from exc
         config.use_cache = False
         self.adapter: Adapter = adapter_for(checkpoint.config)
+        if compress_router:
+            self.adapter = self.adapter.with_router()
         self.config_changes = {
             flag: True for flag in self.adapter.bias_flags if add_biases and getattr(config, flag, True) is not True
         }
@@ -148,6 +154,9 @@ class StagedModel:
         """The model of `config` on the meta device (with the per-block shapes of a structurally pruned checkpoint),
         its real buffers (rotary tables) on the compute device."""
         skeleton = build_skeleton(config, self.dtype)
+        if self.compress_router:
+            for block in skeleton.blocks:
+                linear_router(block, self.adapter.experts)
         skeleton.model.eval().requires_grad_(False)
         for module in skeleton.model.modules():
             for name, buffer in module._buffers.items():

@@ -52,12 +52,12 @@ class Calibrated:
 
 def open_calibrated(
     model: Path, calibration: CalibrationOptions, device: torch.device, dtype: torch.dtype | None,
-    add_biases: bool = False,
+    add_biases: bool = False, compress_router: bool = False,
 ) -> Calibrated:
     """Read the checkpoint's headers, build its staged model and cut the calibration windows (seqlen capped).
-    add_biases: give the blocks' linear layers biases (see StagedModel)."""
+    add_biases, compress_router: see StagedModel."""
     checkpoint = open_checkpoint(model)
-    staged = StagedModel(checkpoint, device, dtype, add_biases=add_biases)
+    staged = StagedModel(checkpoint, device, dtype, add_biases=add_biases, compress_router=compress_router)
     loaded = calibration.load(model, checkpoint.config)
     return Calibrated(staged, loaded, {"checkpoint": checkpoint.fingerprint(), "calibration": loaded.fingerprint})
 

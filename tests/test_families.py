@@ -27,12 +27,14 @@ from streamer.block import observe
 from streamer.checkpoint import Checkpoint
 from streamer.commands.evaluate import perplexity
 from streamer.data import calibration_windows, evaluation_windows, load_text, load_tokenizer, tokenize
+from streamer.experts import LinearRouter
 from streamer.model import StagedModel, load_model
 from tests.conftest import ROOT, VOCAB, make_tiny_checkpoint
 from tests.reference import compress_in_memory, first_block_inputs, in_memory_model, structured_in_memory
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
 from tests.test_gradients import load_gradients, run_gradients, whole_model_gradient_norms
 from tests.test_resume import output_digest
+from tests.test_scores import run_scores
 
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
@@ -377,6 +379,81 @@ def test_the_router_is_not_compressed(sparse, kept):
     original, compressed = load_state(model), load_state(out)
     routers = [name for name in original if name.endswith(kept)]
     assert len(routers) == BLOCKS * len(kept) and all(torch.equal(compressed[name], original[name]) for name in routers)
+
+
+def test_a_linear_router_routes_as_the_familys_own(mixtral_block):
+    _, block, _, moe_inputs, _, _ = mixtral_block
+    router = LinearRouter(block.mlp.gate)
+    with torch.no_grad():
+        for ours, theirs in zip(router(moe_inputs), block.mlp.gate(moe_inputs)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def router_compressed(request, family_checkpoints, calib, tmp_path_factory):
+    model = family_checkpoints(request.param)
+    out = tmp_path_factory.mktemp(f"{request.param}-router") / "out"
+    run_compress(model, out, calib, "--method", "sparsegpt", "--compress-router")
+    router = "block_sparse_moe.gate.weight" if request.param == "mixtral" else "mlp.gate.weight"
+    return request.param, model, out, router
+
+
+def test_compress_router_prunes_every_router_and_the_output_loads(router_compressed):
+    family, model, out, router = router_compressed
+    state, original = load_state(out), load_state(model)
+    routers = [name for name in state if name.endswith("." + router)]
+    assert len(routers) == BLOCKS
+    for name in routers:  # 4 experts x 64 columns: sparsegpt prunes exactly half of each block of columns
+        assert int((state[name] == 0).sum()) == 128 and not torch.equal(state[name], original[name])
+    if family == "qwen2_moe":  # its shared expert's one-output gate stays as it is
+        gates = [name for name in original if name.endswith("shared_expert_gate.weight")]
+        assert gates and all(torch.equal(state[name], original[name]) for name in gates)
+    assert json.loads((out / "config.json").read_text())["layerpress"]["compress_router"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(loaded.model.layers[0].mlp.gate.weight, state[routers[0]])
+
+
+def test_a_compressed_router_is_sparsegpt_on_every_token_of_its_input(mixtral_block, router_compressed):
+    """Block 0's router, pruned by an independent SparseGPT call on all the block's MoE inputs (the dense block's,
+    as compress observes every layer before any is pruned)."""
+    family, _, out, router = router_compressed
+    if family != "mixtral":
+        pytest.skip("the block fixture is Mixtral's")
+    _, block, _, moe_inputs, _, _ = mixtral_block
+    layer = torch.nn.Linear(64, 4, bias=False)
+    layer.weight.data.copy_(block.mlp.gate.weight)
+    method = METHODS["sparsegpt"]()
+    statistic = method.statistic(layer)
+    statistic.update(moe_inputs)
+    expected = method.compress(layer, statistic, Target(sparsity=0.5)).weight
+    torch.testing.assert_close(load_state(out)[f"model.layers.0.{router}"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, options, message", [
+    ("qwen3", (), "--compress-router: qwen3 has no mixture of experts, so no router"),
+    ("mixtral", ("--wbits", "4", "--format", "packed"), "--compress-router writes the router dense"),
+    ("mixtral", ("--method", "gblm", "--gradients", "GRAD_DIR"), "gblm needs the router's gradient norms"),
+])
+def test_compress_router_is_refused_in_one_line_where_it_cannot_work(family_checkpoints, calib, tmp_path, capsys,
+                                                                    family, options, message):
+    model = family_checkpoints(family)
+    capsys.readouterr()
+    assert main.main(["compress", "--model", str(model), "--out", str(tmp_path / "out"), "--calib", str(calib),
+                      "--device", "cpu", "--compress-router", *options]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and message in error
+
+
+def test_scores_follow_the_starved_expert_rule_and_score_the_router_on_request(family_checkpoints, calib, tmp_path,
+                                                                               caplog):
+    model = family_checkpoints("mixtral")
+    with caplog.at_level("INFO", logger="layerpress"):
+        scores = run_scores(model, tmp_path / "scores", calib, "--expert-min-tokens", "80", "--compress-router")
+    starved = [record.getMessage() for record in caplog.records if "routed tokens" in record.getMessage()]
+    assert starved and all("statistics from all 128 calibration tokens" in line for line in starved)
+    assert scores["expert_min_tokens"] == 80 and scores["compress_router"] is True
+    assert {f"model.layers.{i}.mlp.gate" for i in range(BLOCKS)} <= set(scores["layers"])
+    assert all(math.isfinite(layer["obs_loss"]["0.5"]) for layer in scores["layers"].values())
 
 
 def test_qwen2_moes_shared_expert_is_compressed_once_beside_each_expert():

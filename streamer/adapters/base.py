@@ -54,6 +54,8 @@ class ExpertLayout:
     count_keys: the config.json keys that may give the number of experts (the first present counts: Qwen3-MoE's
         hub configs say num_experts, transformers 5 saves it as num_local_experts).
     gate, up, down: each expert's matrices as the checkpoint names them (e.g. Mixtral's w1, w3, w2).
+    router: the router, relative to the block: transformers holds its [experts, H] weight as a parameter of a
+        top-k module, not as a linear layer; it is compressed only on request (`Adapter.with_router`).
     every_block: config values under which every block has experts (Qwen-MoE's `decoder_sparse_step` 1, no
         `mlp_only_layers`); another value mixes dense and expert blocks, which one adapter's layer names cannot
         describe, and is refused.
@@ -64,6 +66,7 @@ class ExpertLayout:
     gate: str
     up: str
     down: str
+    router: str
     every_block: tuple[tuple[str, Any], ...] = ()
 
     def expert_of(self, linear: str) -> int | None:
@@ -139,6 +142,17 @@ class Adapter:
                              if any(EXPERT in name for name in names) else [names])
         )
         return replace(self, sequential_groups=groups, shared_inputs=shared)
+
+    def with_router(self) -> "Adapter":
+        """This (config-expanded) adapter with the router compressible too, first in the group of the experts'
+        gate projections: it reads the block's normalized input as they do, but every token of it (so it shares no
+        statistic with the experts, who see only their routed tokens)."""
+        if self.experts is None:
+            raise LayerpressError(f"--compress-router: {self.name} has no mixture of experts, so no router")
+        first_gate = f"{self.experts.path}.0.{self.experts.gate}"
+        groups = tuple((self.experts.router, *group) if first_gate in group else group
+                       for group in self.sequential_groups)
+        return replace(self, sequential_groups=groups)
 
     def by_input(self, names: Sequence[str]) -> list[tuple[str, ...]]:
         """`names` grouped by the input tensor they read (`shared_inputs`), in the order of their first layers."""

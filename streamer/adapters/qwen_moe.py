@@ -1,7 +1,7 @@
 """Qwen2-MoE and Qwen3-MoE: Qwen's attention with a mixture of experts in place of the MLP.
 
 As in Mixtral (streamer/adapters/mixtral.py), each expert's gate, up and down projections are compressible layers
-of their own, observed on the tokens the router sends them; the router (`mlp.gate`) is not compressed. Qwen2-MoE
+of their own, observed on the tokens the router sends them; the router (`mlp.gate`) is not compressed unless --compress-router asks. Qwen2-MoE
 adds a shared expert that sees every token (`mlp.shared_expert.*`, compressed like a dense MLP) and its gate
 (`mlp.shared_expert_gate`, one output: kept as it is, like the router). Qwen3-MoE has no shared expert and
 Qwen3's q/k norms. Both families may mix dense and expert blocks (`mlp_only_layers`, `decoder_sparse_step`);
@@ -16,7 +16,7 @@ from .mixtral import MIXTRAL
 
 ATTENTION_GROUPS = LLAMA.sequential_groups[:2]
 QWEN_EXPERTS = ExpertLayout(path="mlp.experts", count_keys=("num_experts", "num_local_experts"), gate="gate_proj",
-                            up="up_proj", down="down_proj",
+                            up="up_proj", down="down_proj", router="mlp.gate",
                             every_block=(("decoder_sparse_step", 1), ("mlp_only_layers", [])))
 EXPERT_GROUPS = ((f"mlp.experts.{EXPERT}.gate_proj", f"mlp.experts.{EXPERT}.up_proj"),
                  (f"mlp.experts.{EXPERT}.down_proj",))

@@ -26,7 +26,8 @@ from methods import LayerResult, Method, StructuredMethod, Target
 from methods.reconstruct import Reconstruction
 
 from ..allocation import Allocation, BitsPolicy
-from ..block import DEFAULT_EXPERT_MIN_TOKENS, compress_block, reconstruct_block, zero_fraction
+from ..block import DEFAULT_EXPERT_MIN_TOKENS, check_expert_min_tokens, compress_block, reconstruct_block, \
+    zero_fraction
 from ..checkpoint import Checkpoint
 from ..data import Calibration, CalibrationOptions
 from ..decoded import DecodedCheckpoint
@@ -72,10 +73,16 @@ class CompressSettings:
     reconstruction: Reconstruction = field(default_factory=Reconstruction)
     gradients: Path | None = None  # a `main.py gradients` directory, for methods that use gradient norms
     expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS  # mixture of experts: see streamer/block.py
+    compress_router: bool = False  # mixture of experts: the router is compressed too (streamer/experts.py)
 
     def __post_init__(self) -> None:
-        if self.expert_min_tokens < 1:
-            raise LayerpressError("--expert-min-tokens must be at least 1: an expert without tokens has no statistics")
+        check_expert_min_tokens(self.expert_min_tokens)
+        if self.compress_router and self.format != "dense":
+            raise LayerpressError(f"--compress-router writes the router dense: transformers' router is no linear "
+                                  f"layer, which --format {self.format} (compressed-tensors) needs")
+        if self.compress_router and "gradient_norms" in getattr(self.method, "precomputed", ()):
+            raise LayerpressError(f"--compress-router: {self.method.name} needs the router's gradient norms, which "
+                                  "`main.py gradients` does not record")
         if self.target.pattern is not None and self.allocation.kind != "uniform":
             raise LayerpressError("an N:M pattern fixes every layer's sparsity: use --allocation uniform with --pattern")
 
@@ -100,6 +107,7 @@ class CompressSettings:
             **({} if self.allocation.kind == "uniform" else {"allocation": self.allocation.record(self.target.sparsity)}),
             **({"reconstruction": self.reconstruction.settings()} if self.reconstruction.enabled else {}),
             **({"expert_min_tokens": self.expert_min_tokens} if experts else {}),
+            **({"compress_router": True} if self.compress_router else {}),  # absent: older runs resume
         }
 
     @property
@@ -123,7 +131,7 @@ def compress(settings: CompressSettings) -> Path:
         check_method(settings)
     calibrated = open_calibrated(
         settings.model, settings.calibration, settings.stream.device, settings.dtype,
-        add_biases="biases" in settings.reconstruction.subsets,
+        add_biases="biases" in settings.reconstruction.subsets, compress_router=settings.compress_router,
     )
     staged = calibrated.staged
     if structured:

@@ -30,12 +30,13 @@ class PlanSettings:
     speed: Path | None = None  # throughput measured elsewhere, instead of probing this machine
     save_speed: Path | None = None
     evaluation: tuple[str, int | None] | None = None  # eval: its text and --windows, to count the windows
+    compress_router: bool = False  # a mixture of experts' router among the compressed layers
 
 
 def plan(settings: PlanSettings) -> Plan:
     """The plan the command would make, with a time estimate where the device's throughput is known."""
     checkpoint = Checkpoint(settings.model)
-    staged = StagedModel(checkpoint, torch.device("cpu"), settings.dtype)
+    staged = StagedModel(checkpoint, torch.device("cpu"), settings.dtype, compress_router=settings.compress_router)
     seqlen = capped_seqlen(settings.seqlen, checkpoint.config)
     workload = replace(settings.workload, seqlen=seqlen)
     if settings.evaluation is not None:  # --windows bounds the count; without it, the text's windows are counted

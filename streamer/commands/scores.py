@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from methods.scores import LayerScore, Scorer
 from methods.statistics import Gram
 
 from ..allocation import SCORES_FILE
-from ..block import forward_until_observed, observe, statistic_readers
+from ..block import (DEFAULT_EXPERT_MIN_TOKENS, check_expert_min_tokens, forward_until_observed, observe,
+                     observe_starved_experts, statistic_readers)
 from ..data import CalibrationOptions
 from ..distributed import world
 from ..errors import LayerpressError
@@ -59,8 +61,11 @@ class ScoreSettings:
     restart: bool = False
     stream: StreamOptions = field(default_factory=StreamOptions)  # as given; the plan fills in what is left open
     planning: PlanChoices = field(default_factory=PlanChoices)
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS  # mixture of experts: compress's rule (streamer/block.py)
+    compress_router: bool = False  # mixture of experts: score the router too, for a compress that compresses it
 
     def __post_init__(self) -> None:
+        check_expert_min_tokens(self.expert_min_tokens)
         if self.inputs not in INPUTS:
             raise LayerpressError(f"--inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
         if self.inputs == "pruned" and len(self.scorer.sparsities) != 1:
@@ -72,8 +77,10 @@ class ScoreSettings:
         return Workload(self.scorer, Target(sparsity=max(self.scorer.sparsities)), self.calibration.nsamples, seqlen,
                         command="scores", world_size=world().size)
 
-    def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions) -> dict[str, Any]:
-        """Everything that changes the scores: kept in the journal (resume must match) and in scores.json."""
+    def record(self, calibration: dict[str, Any], dtype: torch.dtype, stream: StreamOptions,
+               experts: bool = False) -> dict[str, Any]:
+        """Everything that changes the scores: kept in the journal (resume must match) and in scores.json
+        (experts: the model has a mixture of experts)."""
         return {
             "sparsities": list(self.scorer.sparsities),
             "inputs": self.inputs,
@@ -85,18 +92,21 @@ class ScoreSettings:
             "dtype": str(dtype).removeprefix("torch."),
             "device": stream.device.type,
             "micro_batch": stream.micro_batch,
+            **({"expert_min_tokens": self.expert_min_tokens} if experts else {}),
+            **({"compress_router": True} if self.compress_router else {}),
         }
 
 
 def score(settings: ScoreSettings) -> Path:
     """Score every linear layer of a checkpoint into `settings.out`/scores.json; resumes a partial run."""
     request = RunRequest("scores", settings.out, settings.model, settings.restart)
-    calibrated = open_calibrated(settings.model, settings.calibration, settings.stream.device, settings.dtype)
+    calibrated = open_calibrated(settings.model, settings.calibration, settings.stream.device, settings.dtype,
+                                 compress_router=settings.compress_router)
     staged = calibrated.staged
     plan = plan_pass(staged, settings.workload(calibrated.seqlen), settings.stream, settings.planning, settings.out,
                      settings.restart)
     stream = planned_stream(settings.stream, plan, settings.out)
-    record = settings.record(calibrated.calibration.record, staged.dtype, stream)
+    record = settings.record(calibrated.calibration.record, staged.dtype, stream, staged.adapter.experts is not None)
     per_layer = plan.choice.per_layer_statistics
 
     def work(run: Run) -> None:
@@ -105,7 +115,7 @@ def score(settings: ScoreSettings) -> Path:
         scored: dict[int, dict[str, dict[str, Any]]] = {}  # a block's layer records, until its output exists
 
         def process(context: BlockContext) -> dict[str, Any]:
-            scored[context.index] = score_block(context, settings.scorer, per_layer)
+            scored[context.index] = score_block(context, settings.scorer, per_layer, settings.expert_min_tokens)
             return {}
 
         def settle(context: BlockContext) -> dict[str, Any]:
@@ -137,13 +147,17 @@ def block_sensitivity(context: BlockContext, scorer: Scorer) -> float:
         return correlation.sensitivity()
 
 
-def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: bool) -> dict[str, dict[str, Any]]:
+def score_block(
+    context: BlockContext, scorer: Scorer, per_layer_statistics: bool,
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
+) -> dict[str, dict[str, Any]]:
     """Observe the block's layers on its inputs and score them; with the scorer's keep_pruned, leave them pruned at
     the probe once all are scored.
 
     per_layer_statistics: observe and score one input at a time (one Gram in memory instead of the block's); the
     weights change only after every layer is scored, so each layer sees the same inputs either way. Layers that
-    read one input (q/k/v, gate/up) share its Gram."""
+    read one input (q/k/v, gate/up) share its Gram. Experts routed fewer than `expert_min_tokens` tokens are
+    scored on all of them, as compress observes them (observe_starved_experts)."""
     linears = context.linears
     ranks = world()  # under torchrun each rank's Grams become all ranks' sums; every rank then scores every layer
     scores: dict[str, LayerScore] = {}
@@ -159,23 +173,30 @@ def score_block(context: BlockContext, scorer: Scorer, per_layer_statistics: boo
         context.phase.layer = None
         diagonals[name] = gram.gram.diagonal() * gram.scale  # a vector: never the whole H
 
-    inputs = statistic_readers(context.staged.adapter, list(linears), scorer.statistic_per_input)
-    if per_layer_statistics:
-        for readers in inputs:
-            gram = scorer.statistic(linears[readers[0]])
-            with context.phase("observe"):
-                observe(linears, dict.fromkeys(readers, gram), forward_until_observed(context), stop_early=True)
-                ranks.combine(dict.fromkeys(readers, gram))
-            for name in readers:
-                score(name, gram)
-            del gram
-    else:
+    adapter = context.staged.adapter
+
+    def fresh(names: Sequence[str]) -> dict[str, Gram]:
+        """A Gram for each layer of `names`, one object for the layers reading one input."""
         grams: dict[str, Gram] = {}
-        for readers in inputs:
+        for readers in statistic_readers(adapter, names, scorer.statistic_per_input):
             grams.update(dict.fromkeys(readers, scorer.statistic(linears[readers[0]])))
+        return grams
+
+    def observe_grams(names: Sequence[str], forward: Callable[[], None]) -> dict[str, Gram]:
+        grams = fresh(names)
         with context.phase("observe"):
-            observe(linears, grams, context.forward)
+            tokens = observe(linears, grams, forward, stop_early=per_layer_statistics and adapter.experts is None)
+            observe_starved_experts(context, grams, tokens, expert_min_tokens, fresh)  # compress's rule
             ranks.combine(grams)
+        return grams
+
+    if per_layer_statistics:
+        for readers in statistic_readers(adapter, list(linears), scorer.statistic_per_input):
+            grams = observe_grams(readers, forward_until_observed(context))
+            for name in readers:
+                score(name, grams.pop(name))
+    else:
+        grams = observe_grams(list(linears), context.forward)
         for name in linears:  # each Gram is dropped once its layer is scored
             score(name, grams.pop(name))
     outliers = scorer.outliers(linears, diagonals)
