@@ -14,7 +14,7 @@ skipped when their result is already in WORKDIR/results.jsonl, so an interrupted
 stopped. --table prints what is there as a Markdown table.
 
     python tools/bench_perp.py [--profile ours|paper] [--targets 0.6 0.5 2:4 0.7] [--methods wanda sparsegpt]
-        [--workdir runs/bench-perp] [--threads 2] [--limit N] [--table]
+        [--subsets none biases,norms ...] [--workdir runs/bench-perp] [--threads 2] [--limit N] [--table]
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ PROFILES = {
 }
 
 
-def cells(methods: list[str], targets: list[str], profile: str) -> list[tuple[str, str, str, str]]:
-    """(method, target, subsets, profile) in priority order: every subset the issue asks for, target by target.
-    Without reconstruction the profile does not matter: those cells are always the "ours" runs."""
+def cells(methods: list[str], targets: list[str], profile: str,
+          subsets: tuple[str, ...] | list[str] = SUBSETS[:4]) -> list[tuple[str, str, str, str]]:
+    """(method, target, subsets, profile) in priority order: each of `subsets` (default: every one the issue asks
+    for), target by target. Without reconstruction the profile does not matter: those cells are always "ours"."""
     order = []
     for target in targets:
         for method in methods:
-            order.append((method, target, "none", "ours"))
-            order += [(method, target, subsets, profile) for subsets in SUBSETS[1:4]]
+            order += [(method, target, chosen, "ours" if chosen == "none" else profile) for chosen in subsets]
     return list(dict.fromkeys(order))
 
 
@@ -121,6 +121,9 @@ def main() -> None:
                         help="reconstruction hyperparameters: layerpress's defaults or the PERP reference code's")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["wanda", "sparsegpt"])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=["0.6", "0.5", "2:4", "0.7"])
+    parser.add_argument("--subsets", nargs="+", choices=SUBSETS, default=list(SUBSETS[:4]),
+                        help="reconstruction subsets to run, in this order (default: none and the three the issue "
+                        "asks for)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1 is fastest on a loaded, shared 2-core machine)")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many new cells")
@@ -132,7 +135,8 @@ def main() -> None:
     if not args.table:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         done = {(r["method"], r["target"], r["subsets"], r.get("profile", "ours")) for r in results}
-        todo = [cell for cell in cells(args.methods, args.targets, args.profile) if cell not in done][: args.limit]
+        todo = [cell for cell in cells(args.methods, args.targets, args.profile, args.subsets)
+                if cell not in done][: args.limit]
         for number, cell in enumerate(todo, 1):
             result = measure(*cell, args, env)
             results.append(result)
