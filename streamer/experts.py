@@ -63,7 +63,6 @@ class UnfusedExperts(nn.ModuleList):
 def unfuse_experts(block: nn.Module, layout: ExpertLayout) -> None:
     """Replace the block's fused experts by UnfusedExperts, with the fused weights' values where they are real
     (transformers' loading concatenates gate and up along the rows: gate_up_proj[e] = [gate_e; up_e])."""
-    parent, _, leaf = layout.path.rpartition(".")
     fused = block.get_submodule(layout.path)
     gate_up, down = fused.gate_up_proj, fused.down_proj
     count, double_intermediate, hidden = gate_up.shape
@@ -76,7 +75,7 @@ def unfuse_experts(block: nn.Module, layout: ExpertLayout) -> None:
                 getattr(expert, layout.gate).weight.copy_(gate_up[index, :intermediate])
                 getattr(expert, layout.up).weight.copy_(gate_up[index, intermediate:])
                 getattr(expert, layout.down).weight.copy_(down[index])
-    setattr(block.get_submodule(parent) if parent else block, leaf, UnfusedExperts(experts))
+    _replace(block, layout.path, UnfusedExperts(experts))
 
 
 class LinearRouter(nn.Linear):
@@ -103,5 +102,9 @@ class LinearRouter(nn.Linear):
 
 def linear_router(block: nn.Module, layout: ExpertLayout) -> None:
     """Replace the block's router by a LinearRouter that routes the same way."""
-    parent, _, leaf = layout.router.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, leaf, LinearRouter(block.get_submodule(layout.router)))
+    _replace(block, layout.router, LinearRouter(block.get_submodule(layout.router)))
+
+
+def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, module)

@@ -4,8 +4,8 @@ The router (`mlp.gate`; the checkpoint's `block_sparse_moe.gate`) is compressed 
 expert's three matrices (`w1` gate, `w3` up, `w2` down, as the checkpoint stores them) are compressible layers of
 their own, built unfused (streamer/experts.py): their statistics come from the tokens the router sends to the
 expert, or, for an expert that receives fewer than --expert-min-tokens, from every calibration token
-(streamer/block.py). No structured pruning: transformers' fused
-experts have one intermediate width for all, which the output must keep to load.
+(streamer/block.py). No structured pruning: transformers' fused experts have one intermediate width for all, which
+the output must keep to load.
 """
 
 from .base import EXPERT, Adapter, ExpertLayout

@@ -1,11 +1,11 @@
 """Qwen2-MoE and Qwen3-MoE: Qwen's attention with a mixture of experts in place of the MLP.
 
 As in Mixtral (streamer/adapters/mixtral.py), each expert's gate, up and down projections are compressible layers
-of their own, observed on the tokens the router sends them; the router (`mlp.gate`) is not compressed unless --compress-router asks. Qwen2-MoE
-adds a shared expert that sees every token (`mlp.shared_expert.*`, compressed like a dense MLP) and its gate
-(`mlp.shared_expert_gate`, one output: kept as it is, like the router). Qwen3-MoE has no shared expert and
-Qwen3's q/k norms. Both families may mix dense and expert blocks (`mlp_only_layers`, `decoder_sparse_step`);
-such checkpoints are refused in one line. No structured pruning, for Mixtral's reason.
+of their own, observed on the tokens the router sends them; the router (`mlp.gate`) is compressed only with
+--compress-router. Qwen2-MoE adds a shared expert that sees every token (`mlp.shared_expert.*`, compressed like a
+dense MLP) and its gate (`mlp.shared_expert_gate`, one output: kept as it is, like the router). Qwen3-MoE has no
+shared expert and Qwen3's q/k norms. Both families may mix dense and expert blocks (`mlp_only_layers`,
+`decoder_sparse_step`); such checkpoints are refused in one line. No structured pruning, for Mixtral's reason.
 """
 
 from dataclasses import replace
