@@ -645,6 +645,8 @@ def run_tasks(args: argparse.Namespace) -> None:
         args.limit, args.num_fewshot, args.include_path, args.bootstrap_iters,
         args.max_length, args.restart, plan_choices(args),
     )
+    if not world().is_writer:  # under torchrun every rank has the results: one writes and prints them
+        return
     if args.output:
         write_results(results, args.output, samples=args.log_samples)
     print(make_table(results))
@@ -706,17 +708,15 @@ def check_torchrun(args: argparse.Namespace) -> None:
         return
     unsupported = {
         "decompress": "decompress", "plan": "plan (plan --world-size N predicts a torchrun job)", "status": "status",
-        "gradients": "gradients",
     }.get(args.command)
-    if args.command == "eval" and args.tasks is not None:
-        unsupported = "eval --tasks"
-    if args.command == "compress" and args.method == "flap":
-        unsupported = "compress --method flap"
     windows = args.windows if args.command == "eval" else getattr(args, "nsamples", None)
     reason = None
     if unsupported is not None:
-        reason = (f"{unsupported} does not run under torchrun ({ranks} processes): run it as one process; compress "
-                  "(unstructured methods), scores and eval (perplexity) run data-parallel")
+        reason = (f"{unsupported} does not run under torchrun ({ranks} processes): run it as one process; compress, "
+                  "scores, gradients and eval (perplexity) run data-parallel")
+    elif args.command == "eval" and args.tasks is not None and args.work is None and args.output is None:
+        reason = ("eval --tasks under torchrun needs --work DIR (or --output FILE) on a filesystem every rank sees: "
+                  "the ranks share its passes' journals")
     elif windows is not None and windows < ranks:
         reason = f"{windows} windows cannot be shared by {ranks} ranks: every rank needs at least one"
     if reason is not None:

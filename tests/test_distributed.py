@@ -28,6 +28,8 @@ METHODS = {  # family, method options: one of each kind of statistic (Gram, colu
     # each step one micro-batch of all 4 windows in one process, of 2 per rank in two: the same averaged gradient
     "reconstruction": ("opt", ["--method", "wanda", "--reconstruct", "biases,norms,masklora", "--recon-steps", "4",
                                "--micro-batch", "4"]),
+    # structured: pooled channel moments decide which heads and channels stay; rank 0 alone cuts and writes
+    "flap": ("opt", ["--method", "flap", "--ratio", "0.25"]),
 }
 
 
@@ -90,20 +92,27 @@ def worlds(tiny_checkpoints, calib, request, tmp_path_factory):
     return outputs
 
 
-@pytest.mark.parametrize("method", [method if method == "sparsegpt" else pytest.param(method, marks=pytest.mark.slow)
-                                    for method in METHODS])
-def test_world_of_two_compresses_as_world_of_one(worlds, method):
-    _, one, two = worlds(method)
+def assert_same_model(one: Path, two: Path, method: str) -> None:
+    """Outputs of world 1 and world 2: the same tensors and shapes (for flap: the same heads and channels kept),
+    the same zeros, values equal up to summation order."""
     single, double = tensors(one), tensors(two)
     assert single.keys() == double.keys()
     for name, weight in single.items():
         other = double[name]
+        assert weight.shape == other.shape, f"{name}: {tuple(weight.shape)} against {tuple(other.shape)}"
         assert torch.equal(weight == 0, other == 0) or method == "gptq", f"{name}: masks differ"
         difference = (weight.float() - other.float()).abs().max().item()
         # float32 sums in another order; gptq may round a weight to the neighbouring grid point; training steps
         # move the sums' rounding differences further
         tolerance = {"gptq": 2e-2, "reconstruction": 1e-3}.get(method, 1e-4)
         assert difference <= tolerance * max(weight.float().abs().max().item(), 1.0), f"{name}: {difference}"
+
+
+@pytest.mark.parametrize("method", [method if method == "sparsegpt" else pytest.param(method, marks=pytest.mark.slow)
+                                    for method in METHODS])
+def test_world_of_two_compresses_as_world_of_one(worlds, method):
+    _, one, two = worlds(method)
+    assert_same_model(one, two, method)
     record = json.loads((two / "config.json").read_text())["layerpress"]
     assert record["method"] == METHODS[method][1][1]
     assert method != "reconstruction" or record["reconstruction_summary"]["trained_parameters"] > 0
@@ -133,6 +142,52 @@ def test_killed_rank_resumes_to_identical_bytes_with_its_world_size_only(worlds,
     assert resumed.returncode == 0, resumed.stderr
     assert output_digest(out) == output_digest(two), "resumed bytes differ from an uninterrupted world-2 run"
     assert not list((out / WORK_DIR).glob("inputs-*")), "persisted activations are removed when the run completes"
+
+
+def test_flap_killed_in_its_statistics_pass_resumes_to_the_model_of_one_process(tiny_checkpoints, calib, tmp_path):
+    """Each rank observes half the windows; the pooled moments make rank 0 keep the units one process keeps."""
+    family, options = METHODS["flap"]
+    argv = ["compress", *calibrated(tiny_checkpoints[family], calib), "--max-shard-size", "30KB", *options]
+    assert main.main(["-q", *argv, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    killed = torchrun([*argv, "--out", str(out)], LAYERPRESS_FAILPOINT="before-propagate:2",
+                      LAYERPRESS_FAILPOINT_RANK="1")
+    assert killed.returncode != 0
+    statistics = json.loads((out / WORK_DIR / "statistics" / WORK_DIR / JOURNAL_FILE).read_text())["body"]
+    assert statistics["blocks_done"] == 1 and len(statistics["rank_inputs"]) == 2
+    assert not (out / "model.safetensors.index.json").exists()
+    resumed = torchrun([*argv, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_model(tmp_path / "one", out, "flap")
+    record = json.loads((out / "config.json").read_text())["layerpress"]
+    assert record["kept_units"] == json.loads((tmp_path / "one" / "config.json").read_text())["layerpress"]["kept_units"]
+
+
+def test_gradients_of_two_ranks_equal_one_and_resume_after_a_kill_in_the_backward_walk(gradients, tiny_checkpoints,
+                                                                                        calib, tmp_path):
+    """Each rank's windows' squared gradients add up to one process's; killed after block 3's norms are written but
+    before they are journaled (every rank has then computed block 3's input gradient), the job redoes block 3 from
+    the gradient slot no rank has overwritten."""
+    argv = ["gradients", *calibrated(tiny_checkpoints["llama"], calib)]
+    whole = torchrun([*argv, "--out", str(tmp_path / "two")])
+    assert whole.returncode == 0, whole.stderr
+    single, double = tensors(gradients), tensors(tmp_path / "two")
+    assert single.keys() == double.keys()
+    for name, norms in single.items():
+        torch.testing.assert_close(double[name], norms, rtol=1e-4, atol=1e-7 * norms.abs().max().item())
+    loss = [json.loads((out / WORK_DIR / JOURNAL_FILE).read_text())["body"]["loss"] for out in (gradients, tmp_path / "two")]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-6)
+
+    killed_out = tmp_path / "killed"
+    # journal records: 3 forward blocks, the head, then the backward walk's blocks 3, 2, 1
+    killed = torchrun([*argv, "--out", str(killed_out)], LAYERPRESS_FAILPOINT="before-journal:5",
+                      LAYERPRESS_FAILPOINT_RANK="0")
+    assert killed.returncode != 0
+    assert json.loads((killed_out / WORK_DIR / JOURNAL_FILE).read_text())["body"]["backward"]["blocks_done"] == 0
+    resumed = torchrun([*argv, "--out", str(killed_out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_digest(killed_out) == output_digest(tmp_path / "two")
+    assert not list((killed_out / WORK_DIR).rglob("*.bin")), "activation and gradient files are removed at the end"
 
 
 @pytest.mark.slow
@@ -191,13 +246,20 @@ def test_unsupported_commands_are_refused_under_torchrun_by_rank_0(tiny_checkpoi
     """Refused before any rank joins the job (so the environment torchrun sets is enough to test it)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
-    argv = ["-q", "compress", "--out", str(tmp_path / "out"), *calibrated(tiny_checkpoints["llama"], calib),
-            "--method", "flap", "--ratio", "0.2"]
+    argv = ["-q", "decompress", "--model", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / "out")]
     assert main.main(argv) == 1
-    expected = ("layerpress: error: rank 0 of 2: compress --method flap does not run under torchrun (2 processes): "
-                "run it as one process; compress (unstructured methods), scores and eval (perplexity) run "
-                "data-parallel")
+    expected = ("layerpress: error: rank 0 of 2: decompress does not run under torchrun (2 processes): run it as one "
+                "process; compress, scores, gradients and eval (perplexity) run data-parallel")
     assert capsys.readouterr().err.strip() == (expected if rank == "0" else "")
+
+
+def test_eval_tasks_without_a_shared_work_directory_is_refused_under_torchrun(tiny_checkpoints, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main.main(["-q", "eval", "--model", str(tiny_checkpoints["llama"]), "--tasks", "piqa"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "layerpress: error: rank 0 of 2: eval --tasks under torchrun needs --work DIR (or --output FILE) on a "
+        "filesystem every rank sees: the ranks share its passes' journals")
 
 
 def test_windows_are_shared_in_contiguous_balanced_slices():

@@ -235,3 +235,19 @@ def test_smollm2_multiple_choice_equals_the_hf_backend(smollm2, tmp_path):
     theirs = hf_backend(str(smollm2), [MULTIPLE_CHOICE], max_length=None)
     assert_same_results(ours, theirs, [MULTIPLE_CHOICE])
     assert ours["results"][MULTIPLE_CHOICE]["acc,none"] > 0.5, "SmolLM2 should get simple cloze sentences right"
+
+
+def test_two_ranks_score_their_shares_and_report_what_one_process_does(tiny_checkpoints, tmp_path):
+    """Under torchrun each rank streams half of the distinct inputs; rank 0 alone writes and prints the results."""
+    from tests.test_distributed import torchrun
+
+    model = tiny_checkpoints["llama"]
+    one = streamed(model, tmp_path / "one.json", TASKS, "--max-length", str(MAX_LENGTH))
+    result = torchrun(eval_argv(model, tmp_path / "two.json", TASKS, "--max-length", str(MAX_LENGTH))[1:],
+                      DISABLE_MULTIPROC="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(MULTIPLE_CHOICE) == 1, "one rank prints the table"
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert_same_results(two, one, TASKS)
+    passes = [json.loads(path.read_text())["body"] for path in (tmp_path / "two.json.work").glob("*/.layerpress/journal.json")]
+    assert passes and all(body["settings"]["world_size"] == 2 and body["state"] == "complete" for body in passes)

@@ -13,6 +13,12 @@ mean token loss. Whole-model autograd would hold every block at once; this pass 
 Every phase is resumable: the forward through the shared loop's journal, the head and each backward block by a
 journal record written once the block's norms and its input gradient are durable. Activations and gradients live in
 memory-mapped files, so host RAM holds one block, one micro-batch and the accumulators.
+
+Under torchrun each rank walks its share of the windows forward and back (its inputs and gradients in files of its
+own); a window's squared gradient is its own, so the sums over windows add across ranks (an all-reduce per block,
+the layers in sorted order), and rank 0 writes the norms and the journal. Every rank's input gradient is durable
+before the all-reduce returns, and no rank overwrites a gradient slot before rank 0 has journaled the block that
+made the other one current (a barrier): a rank killed at any moment resumes with the same command.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from methods import Target
 
 from ..activations import ActivationBuffer, micro_batches
 from ..data import Calibration, CalibrationOptions
+from ..distributed import world
 from ..errors import LayerpressError
 from ..files import atomic_write_parts
 from ..gradient_norms import COMMAND, gradients_file, weight_name
@@ -131,17 +138,21 @@ class GradientPass:
 
     def __init__(self, settings: GradientSettings, staged: StagedModel, calibration: Calibration, run: Run):
         self.settings, self.staged, self.run = settings, staged, run
-        self.windows = calibration.windows
+        self.ranks = world()
+        self.all_windows = calibration.windows
+        self.windows = self.all_windows[self.ranks.share(len(self.all_windows))]  # this rank's (all, in one process)
         self.shape = (*self.windows.shape, staged.config.hidden_size)
         self.batches = micro_batches(len(self.windows), max(1, settings.micro_batch))
         self.device = settings.device
+        self.own = self.ranks.own(run.work)  # this rank's gradient files (the work directory itself in one process)
+        self.own.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- files
     def inputs_path(self, block: int) -> Path:
         return self.run.persisted_inputs_path(block)
 
     def gradient_path(self, slot: int) -> Path:
-        return self.run.work / f"gradient-{slot}.bin"
+        return self.own / f"gradient-{slot}.bin"
 
     def existing(self, path: Path, dtype: torch.dtype) -> ActivationBuffer:
         """A memory-mapped buffer over a file an earlier phase wrote (a missing one means a damaged run)."""
@@ -154,9 +165,10 @@ class GradientPass:
     def remove_buffers(self) -> None:
         """Once the norms are written, nothing else in the work directory is needed (a kill may have left some)."""
         shutil.rmtree(self.run.work / "stream", ignore_errors=True)
-        for pattern in ("gradient-*.bin", "inputs-*.bin"):
-            for path in self.run.work.glob(pattern):
-                path.unlink()
+        for path in (*self.own.glob("gradient-*.bin"), *self.run.work.glob("inputs-*.bin")):
+            path.unlink(missing_ok=True)  # under torchrun rank 0 may have removed another rank's inputs already
+        if self.own != self.run.work:
+            self.own.rmdir()
 
     # ---------------------------------------------------------------- phases
     def run_all(self) -> None:
@@ -167,6 +179,7 @@ class GradientPass:
             self.head()
         self.backward()
         self.run.finish({"seconds": time.perf_counter() - started, "bytes_read": self.staged.checkpoint.bytes_read})
+        self.ranks.barrier()  # every rank is done with its files
         self.remove_buffers()
         log.info("wrote gradient norms of %d blocks to %s", self.staged.num_blocks, self.settings.out)
 
@@ -181,7 +194,7 @@ class GradientPass:
 
         options = StreamOptions(self.device, self.settings.micro_batch, offload_dir=self.run.work / "stream",
                                 prefetch=self.settings.prefetch)
-        stream_blocks(self.staged, self.windows, options, keep_inputs, self.run, desc="gradients: forward")
+        stream_blocks(self.staged, self.all_windows, options, keep_inputs, self.run, desc="gradients: forward")
 
     def head(self) -> None:
         """Loss at the head; its gradient with respect to the last block's outputs goes to gradient slot 0."""
@@ -194,12 +207,14 @@ class GradientPass:
                 loss += head_loss(logits_of, inputs, self.windows[batch].to(self.device))
                 gradient.data[batch] = inputs.grad.float().cpu()
         gradient.flush()
-        mean_loss = loss / self.windows[:, 1:].numel()
+        loss = self.ranks.total(torch.tensor(loss, dtype=torch.float64)).item()  # returns once every rank's is durable
+        mean_loss = loss / self.all_windows[:, 1:].numel()
         log.info("calibration loss %.4f (perplexity %.2f)", mean_loss, math.exp(mean_loss))
         self.run.record(
             {"backward": {"blocks_done": 0, "gradient_slot": 0}, "loss": mean_loss},
             {"block": "head", "head": time.perf_counter() - clock},
         )
+        self.ranks.barrier()
 
     def backward(self) -> None:
         total = self.staged.num_blocks
@@ -213,15 +228,16 @@ class GradientPass:
             slot = self.run.body["backward"]["gradient_slot"]  # holds the gradient of this block's outputs
             output_gradient = self.existing(self.gradient_path(slot), torch.float32)
             norms = self.backward_block(index, extras, output_gradient, self.gradient_path(1 - slot))
-            digest = atomic_write_parts(gradients_file(self.settings.out, index), safetensors_parts(norms))
+            files = {}
+            if self.ranks.is_writer:
+                files[str(index)] = atomic_write_parts(gradients_file(self.settings.out, index),
+                                                       safetensors_parts(norms))
             del norms
             self.run.record(
-                {
-                    "backward": {"blocks_done": total - index, "gradient_slot": 1 - slot},
-                    "files": {str(index): digest},
-                },
+                {"backward": {"blocks_done": total - index, "gradient_slot": 1 - slot}, "files": files},
                 {"block": index, "backward": time.perf_counter() - clock},
             )
+            self.ranks.barrier()  # the block is journaled before any rank writes into the slot it read
             self.inputs_path(index).unlink(missing_ok=True)  # disk use shrinks as the walk goes back
             log.info("block %d/%d: gradients in %.2fs", index + 1, total, time.perf_counter() - clock)
             bar.update(1)
@@ -250,6 +266,8 @@ class GradientPass:
                 accumulator.remove()
         input_gradient.flush()
         self.staged.release_block(index)
+        for name in sorted(accumulators):  # every rank's windows (after this rank's input gradient is durable)
+            self.ranks.total(accumulators[name].sum)
         tokens = self.windows.shape[1] - 1  # predicted tokens per window: back from summed to mean token loss
         return {  # in place: the norms are the sums' own memory
             weight_name(self.staged, index, name): accumulator.sum.sqrt_().div_(tokens).cpu()
@@ -262,7 +280,8 @@ def compute_gradients(settings: GradientSettings) -> Path:
     request = RunRequest(COMMAND, settings.out, settings.model, settings.restart)
     calibrated = open_calibrated(settings.model, settings.calibration, settings.device, settings.dtype)
     staged = calibrated.staged
-    workload = Workload(None, Target(), settings.calibration.nsamples, calibrated.seqlen, command=COMMAND)
+    workload = Workload(None, Target(), settings.calibration.nsamples, calibrated.seqlen, command=COMMAND,
+                        world_size=world().size)
     stream = StreamOptions(settings.device, prefetch=settings.prefetch)
     choices = replace(settings.planning, micro_batch=settings.micro_batch)
     plan = plan_pass(staged, workload, stream, choices, settings.out, settings.restart)

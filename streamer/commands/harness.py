@@ -12,6 +12,11 @@ Right padding under a causal mask changes no real token's states, and a micro-ba
 tokens only. Each pass is a resumable run (commands/lifecycle.py) in a work directory named by the digest of its
 requests: a killed evaluation, run again, resumes at its first unfinished block, and a finished pass's scores are
 read back from its journal, so the results are identical.
+
+Under torchrun each rank streams its contiguous share of the distinct inputs (stream_blocks shares them as it shares
+calibration windows) and scores their requests; the scores are gathered, rank 0 journals them, and every rank hands
+lm-eval the same list, so every rank computes the same metrics (rank 0 prints them). The work directory must be one
+every rank sees.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from methods import Target
 from ..checkpoint import Checkpoint
 from ..data import load_tokenizer
 from ..decoded import open_checkpoint
+from ..distributed import world
 from ..errors import LayerpressError
 from ..journal import Run, read_journal
 from ..model import StagedModel
@@ -183,13 +189,15 @@ class LayerpressLM(TemplateLM):
 
         RunRequest("eval-tasks", out, self.model_dir, self.restart).execute(
             settings, {"checkpoint": self.checkpoint.fingerprint()}, self.staged.num_blocks, work)
+        world().barrier()  # under torchrun: rank 0 has journaled the scores
         return [(float(logprob), bool(greedy)) for logprob, greedy in read_journal(out)["summary"]["scores"]]
 
     def _planned(self, readers: Readers, out: Path) -> StreamOptions:
         """The pass's stream options from its memory plan, made as every command makes it (a forward-only pass
         over the distinct inputs): its micro-batch unless fixed; activations on the device or in RAM when they fit,
         else in files in the pass's work directory (--offload-activations puts them there in any case)."""
-        workload = Workload(None, Target(), len(readers), max(map(len, readers)), command="eval")
+        workload = Workload(None, Target(), len(readers), max(map(len, readers)), command="eval",
+                            world_size=world().size)
         options = self.options if self.options.offload_dir is None else \
             replace(self.options, offload_dir=self.options.offload_dir / out.name)
         return planned_stream(options, plan_pass(self.staged, workload, options, self.planning, out, self.restart),
@@ -219,7 +227,7 @@ def stream_and_score(
 ) -> list[tuple[float, bool]]:
     """Run each distinct input once, right-padded, longest first, through every block; then score each request's
     continuation at the head (its tokens' log-softmax, micro-batch by micro-batch). Results in the requests'
-    order."""
+    order (under torchrun each rank scores its share of the inputs; every rank returns all scores)."""
     distinct = sorted(readers, key=len, reverse=True)
     lengths = [len(tokens) for tokens in distinct]
     log.info("lm-eval: %d requests, %d distinct inputs of %d to %d tokens", len(continuations), len(distinct),
@@ -229,11 +237,15 @@ def stream_and_score(
         windows[row, : lengths[row]] = torch.tensor(tokens)
     acts = stream_blocks(staged, windows, options, process=lambda context: {}, run=run, desc="lm-eval",
                          lengths=lengths)
-    scores: list[tuple[float, bool]] = [(0.0, False)] * len(continuations)
+    ranks = world()
+    first = ranks.share(len(distinct)).start  # this rank's first input (its activations' row 0)
+    scores: dict[int, tuple[float, bool]] = {}
     with staged.final_stage() as logits_of, torch.no_grad():
         for batch in acts.batches():
-            scored = [(row, request) for row in range(batch.start, batch.stop) for request in readers[distinct[row]]]
-            spans = [slice(lengths[row] - len(continuations[request]), lengths[row]) for row, request in scored]
+            scored = [(row, request) for row in range(batch.start, batch.stop)
+                      for request in readers[distinct[first + row]]]
+            spans = [slice(lengths[first + row] - len(continuations[request]), lengths[first + row])
+                     for row, request in scored]
             hidden = torch.cat([acts.inputs.data[row, span] for (row, _), span in zip(scored, spans)])
             logprobs = torch.log_softmax(logits_of(hidden.to(options.device)).float(), dim=-1).cpu()
             start = 0
@@ -243,7 +255,9 @@ def stream_and_score(
                 start += len(targets)
                 scores[request] = (predicted.gather(1, targets[:, None]).sum().item(),
                                    bool((predicted.argmax(-1) == targets).all()))
-    return scores
+    for share in ranks.gather(scores) if ranks.distributed else []:
+        scores.update(share)
+    return [scores[request] for request in range(len(continuations))]
 
 
 def generation_refused(tasks: list[str]) -> str:
@@ -271,9 +285,10 @@ def evaluate_tasks(
     dtype: torch.dtype | None = None, limit: int | None = None, num_fewshot: int | None = None,
     include_path: Path | None = None, bootstrap_iters: int = 100_000, max_length: int | None = None,
     restart: bool = False, planning: PlanChoices | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """lm-eval's results of `tasks` on the streamed model (its simple_evaluate's dict, samples included), with our
-    model record under "layerpress". Generation tasks are refused before any work."""
+    model record under "layerpress" (None on the processes lm-eval does not report on). Generation tasks are
+    refused before any work."""
     manager = task_manager(tasks, include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
@@ -285,6 +300,8 @@ def evaluate_tasks(
     lm = LayerpressLM(model, options, work, dtype, max_length, restart, planning)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                               bootstrap_iters=bootstrap_iters, log_samples=True)
+    if results is None:  # under torchrun lm-eval reports on each node's first process only
+        return None
     results["layerpress"] = model_record(model)
     return results
 

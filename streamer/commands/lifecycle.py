@@ -53,18 +53,13 @@ class RunRequest:
 
     def _claim(self, ranks: World, settings: dict[str, Any], fingerprints: dict[str, str],
                total_blocks: int) -> Run:
-        """Rank 0's claim (refusals broadcast, so that every rank stops on them), or a follower of it."""
-        refusal, run = None, None
-        if ranks.is_writer:
-            try:
-                self._check_world_size(settings.get("world_size", 1))
-                run = Run(self.out, self.command, settings, fingerprints, total_blocks, restart=self.restart)
-            except LayerpressError as exc:
-                refusal = str(exc)
-        refusal = ranks.broadcast(refusal, owner=0)
-        if refusal is not None:
-            raise LayerpressError(refusal) if ranks.is_writer else RankFollows(refusal)
-        return run if run is not None else FollowerRun(self.out, ranks)
+        """Rank 0's claim, or a follower of it."""
+
+        def claim() -> Run:
+            self._check_world_size(settings.get("world_size", 1))
+            return Run(self.out, self.command, settings, fingerprints, total_blocks, restart=self.restart)
+
+        return _made_by_writer(ranks, self.out, claim)
 
     def _check_world_size(self, size: int) -> None:
         """A partial run resumes only with the world size that started it (its windows are shared by rank)."""
@@ -77,6 +72,30 @@ class RunRequest:
                 f"{self.out} holds a partial run started by {started} process(es) (torchrun world size): resume it "
                 f"with world size {started}, not {size}, or add --restart to discard it"
             )
+
+
+def open_phase(run: Run, name: str, total_blocks: int) -> Run:
+    """One pass of a multi-pass command (`Run.phase`): rank 0 journals it, the other ranks follow it once it is
+    there."""
+    ranks = world()
+    if not ranks.distributed:
+        return run.phase(name, total_blocks)
+    return _made_by_writer(ranks, run.work / name, lambda: run.phase(name, total_blocks))
+
+
+def _made_by_writer(ranks: World, out: Path, make: Callable[[], Run]) -> Run:
+    """Rank 0's `make()`, or on the other ranks a follower of the run it made in `out`; a refusal on rank 0 is
+    broadcast, so that every rank stops on it (rank 0 alone reports it)."""
+    refusal, run = None, None
+    if ranks.is_writer:
+        try:
+            run = make()
+        except LayerpressError as exc:
+            refusal = str(exc)
+    refusal = ranks.broadcast(refusal, owner=0)
+    if refusal is not None:
+        raise LayerpressError(refusal) if ranks.is_writer else RankFollows(refusal)
+    return run if run is not None else FollowerRun(out, ranks)
 
 
 class FollowerRun(JournalProgress):
@@ -115,6 +134,9 @@ class FollowerRun(JournalProgress):
 
     def record(self, record: dict[str, Any], timing: dict | None = None) -> None:
         self.body.update(record)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.body["state"] = "complete"
 
     def close(self) -> None:
         """Nothing to release: rank 0 holds the lock."""

@@ -10,6 +10,11 @@ paper. One decision for the whole model needs every block's scores before any bl
 on partly pruned inputs would not be comparable across blocks; the compensation b += W·mean(x_removed) is exact
 for the statistics the decision was taken on. So the second pass costs one read and one write of the model.
 The search holds a few numbers per channel of the whole model (no weights), so memory still follows one block.
+
+Under torchrun the statistics pass is data-parallel like compress's: each rank observes its share of the windows,
+the channel moments are pooled across ranks, rank 0 writes the summaries. The search and the pruning pass need no
+activations, only summaries and weights: rank 0 runs them alone (one read and one write of the model, nothing a
+second rank would shorten) while the others end.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from methods import StructuredMethod
 from methods.base import ChannelSummary, UnitGroup
 
 from ..block import observe
+from ..distributed import world
 from ..errors import LayerpressError
 from ..files import atomic_write
 from ..journal import Run
@@ -39,6 +45,7 @@ from ..output import finish_output, model_output, output_specs, write_block
 from ..stream import BlockContext, StreamOptions, stream_blocks, walk_blocks
 from ..structure import STRUCTURE_KEY, Skeleton, build_skeleton
 from ..writer import TensorSpec
+from .lifecycle import open_phase
 
 log = logging.getLogger("layerpress")
 
@@ -52,6 +59,8 @@ def compress_structured(
     """Statistics pass, global search, pruning pass into physically smaller shards, with their structure record."""
     started = time.perf_counter()
     summaries = collect_summaries(method, staged, windows, options, run)
+    if not world().is_writer:
+        return
     plan = plan_units(method, staged, summaries, run)
     layout = pruned_layout(method, staged, plan)
     with model_output(out, staged, output_specs(staged, block_specs=layout.specs), max_shard_bytes, run) as writer:
@@ -83,7 +92,7 @@ def collect_summaries(
     if not staged.layouts:
         why = f": {staged.adapter.unprunable}" if staged.adapter.unprunable else ""
         raise LayerpressError(f"{staged.adapter.name} models declare no heads or channels that can be removed whole{why}")
-    phase = run.phase("statistics", staged.num_blocks)
+    phase = open_phase(run, "statistics", staged.num_blocks)
     try:
         if phase.complete:
             return phase.out
@@ -95,6 +104,10 @@ def collect_summaries(
             with context.phase("observe"):
                 observe(consumers, statistics, lambda: context.forward(keep_outputs=True))
             context.propagated = True  # the block stays dense: its outputs are the next block's inputs
+            ranks = world()
+            ranks.combine(statistics)  # under torchrun: the moments of every rank's windows
+            if not ranks.is_writer:
+                return {}
             tensors = {}
             for name, layer in consumers.items():
                 summary = method.summarize(layer, statistics[name])
