@@ -75,7 +75,7 @@ def unfuse_experts(block: nn.Module, layout: ExpertLayout) -> None:
                 getattr(expert, layout.gate).weight.copy_(gate_up[index, :intermediate])
                 getattr(expert, layout.up).weight.copy_(gate_up[index, intermediate:])
                 getattr(expert, layout.down).weight.copy_(down[index])
-    _replace(block, layout.path, UnfusedExperts(experts))
+    block.set_submodule(layout.path, UnfusedExperts(experts))
 
 
 class LinearRouter(nn.Linear):
@@ -102,9 +102,4 @@ class LinearRouter(nn.Linear):
 
 def linear_router(block: nn.Module, layout: ExpertLayout) -> None:
     """Replace the block's router by a LinearRouter that routes the same way."""
-    _replace(block, layout.router, LinearRouter(block.get_submodule(layout.router)))
-
-
-def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, leaf, module)
+    block.set_submodule(layout.router, LinearRouter(block.get_submodule(layout.router)))

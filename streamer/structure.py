@@ -70,9 +70,8 @@ def layout_of(config: PretrainedConfig, block: nn.Module, group: ChannelGroup) -
 
 def _replace_linear(block: nn.Module, path: str, in_features: int, out_features: int, bias: bool) -> None:
     old = block.get_submodule(path)
-    parent, _, leaf = path.rpartition(".")
-    new = nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
-    setattr(block.get_submodule(parent) if parent else block, leaf, new)
+    block.set_submodule(path, nn.Linear(in_features, out_features, bias=bias, device=old.weight.device,
+                                        dtype=old.weight.dtype))
 
 
 def add_bias(block: nn.Module, path: str) -> None:

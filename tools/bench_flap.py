@@ -15,7 +15,10 @@ interleaved so that both see the same machine load, repeated; wall-clock and CPU
 the forward itself consumed, little disturbed by other processes) with medians, extremes and paired speed-ups.
 
     python tools/bench_flap.py [--ratios 0.2 0.3] [--configurations flap flap-plain] [--workdir runs/bench-flap]
-        [--repeats 10]
+        [--repeats 10] [--seeds 0 1 2]
+
+--seeds: calibration draws besides the protocol's seed 0 (perplexity only; speed is seed 0's), to tell a difference
+between configurations from the spread of the window draw.
 
 Compress runs resume (and finished ones are skipped); finished measurements are kept in WORKDIR/results.json.
 """
@@ -23,6 +26,7 @@ Compress runs resume (and finished ones are skipped); finished measurements are 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 
 from streamer.data import DEFAULT_EVALUATION, evaluation_windows, load_text, load_tokenizer, tokenize  # noqa: E402
 from streamer.model import load_model  # noqa: E402
-from tools.smollm2_demo import CALIBRATION, PROTOCOL, cli, perplexity  # noqa: E402
+from tools.smollm2_demo import PROTOCOL, cli, perplexity  # noqa: E402
 
 CONFIGURATIONS = {
     "flap": ["--structure", "AL-AM", "--metric", "WIFV"],
@@ -97,6 +101,7 @@ def main_job() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-flap")
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model (default: 10)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (default: 0)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "results.json"
@@ -109,20 +114,20 @@ def main_job() -> None:
         results["dense"] = {"ppl": perplexity(args.model, args.device), "parameters": parameters(load_model(args.model))}
         save()
     ids = evaluation_windows(tokenize(load_tokenizer(args.model), load_text(DEFAULT_EVALUATION)), 512, 1)
-    for ratio in args.ratios:
-        for name in args.configurations:
-            key = f"{name}-{ratio}"
-            out = args.workdir / key
-            if key not in results:
-                cli("compress", "--model", str(args.model), "--out", str(out), "--method", "flap", "--ratio",
-                    str(ratio), *CONFIGURATIONS[name], "--device", args.device, *PROTOCOL, *CALIBRATION)
-                record = json.loads((out / "config.json").read_text())["layerpress"]["parameters"]
-                results[key] = {"ppl": perplexity(out, args.device), "parameters": parameters(load_model(out)),
-                                "removed_fraction_of_prunable": record["removed_fraction"]}
-                save()
-            if "speed" not in results[key]:
-                results[key]["speed"] = speed(args.model, out, ids, args.repeats)
-                save()
+    for ratio, name, seed in itertools.product(args.ratios, args.configurations, args.seeds):
+        key = f"{name}-{ratio}" + (f"-seed{seed}" if seed else "")
+        out = args.workdir / key
+        if key not in results:
+            cli("compress", "--model", str(args.model), "--out", str(out), "--method", "flap", "--ratio",
+                str(ratio), *CONFIGURATIONS[name], "--device", args.device, *PROTOCOL, "--nsamples", "32",
+                "--seed", str(seed))
+            record = json.loads((out / "config.json").read_text())["layerpress"]["parameters"]
+            results[key] = {"ppl": perplexity(out, args.device), "parameters": parameters(load_model(out)),
+                            "removed_fraction_of_prunable": record["removed_fraction"], "seed": seed}
+            save()
+        if seed == 0 and "speed" not in results[key]:
+            results[key]["speed"] = speed(args.model, out, ids, args.repeats)
+            save()
     print(f"SmolLM2-135M, WikiText-2 test perplexity (32 x 512); dense {results['dense']['ppl']:.2f}, "
           f"{results['dense']['parameters'] / 1e6:.2f}M parameters")
     print("| ratio | method | ppl | parameters | removed of prunable | tokens/s dense | tokens/s pruned | speed-up "
@@ -137,6 +142,11 @@ def main_job() -> None:
                   f"{fast['pruned_cpu_tokens_per_s']['median']:.0f} | " + " | ".join(
                       f"{fast[key]['median']:.2f}x ({fast[key]['min']:.2f}-{fast[key]['max']:.2f})"
                       for key in ("wall_speedup", "cpu_speedup")) + " |")
+    if args.seeds != [0]:
+        for ratio, name in itertools.product(args.ratios, args.configurations):
+            ppls = [results[f"{name}-{ratio}" + (f"-seed{seed}" if seed else "")]["ppl"] for seed in args.seeds]
+            print(f"{name} {ratio:.0%} over calibration seeds {args.seeds}: " + ", ".join(f"{p:.2f}" for p in ppls)
+                  + f" (mean {statistics.mean(ppls):.2f}, spread {max(ppls) / min(ppls) - 1:.1%})")
     print(json.dumps(results))
 
 
