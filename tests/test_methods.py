@@ -10,7 +10,7 @@ from torch import nn
 
 from methods import METHODS, Target
 from methods.hessian import NonInvertibleHessian, inverse_cholesky
-from methods.masks import lowest_by_threshold, lowest_in_rows, lowest_overall, n_of_m
+from methods.masks import lowest_by_threshold, lowest_from_kth, lowest_in_rows, lowest_overall, n_of_m
 from methods.statistics import ColumnNorms, Gram
 
 
@@ -79,6 +79,20 @@ def test_threshold_selection_is_the_top_k_of_a_large_matrix(count):
 def test_threshold_selection_breaks_ties_by_position():
     scores = torch.tensor([[2.0, 1.0, 2.0, 0.0], [2.0, 3.0, 1.0, 2.0]])
     assert lowest_by_threshold(scores, 5, chunk=3).tolist() == [[True, True, True, True], [False, False, True, False]]
+
+
+@pytest.mark.parametrize("count", [1, 999, 2000, 3699, 3700])
+def test_kth_value_selection_is_the_top_k_and_breaks_ties_as_the_threshold_selection(count):
+    """The CPU path of lowest_overall: top-k's set without ties; with ties (scores rounded to a few values, and
+    SparseGPT's zeros) the first in flat order, exactly as the chunked radix select chooses them."""
+    scores = torch.randn(37, 100, generator=torch.Generator().manual_seed(count)) * 3
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[torch.topk(scores.flatten(), count, largest=False).indices] = True
+    assert torch.equal(lowest_from_kth(scores, count), expected.view_as(scores))
+    tied = scores.round().abs()  # no -0.0: the radix select's keys order it below +0.0, comparisons do not
+    mask = lowest_from_kth(tied, count)
+    assert int(mask.sum()) == count
+    assert torch.equal(mask, lowest_by_threshold(tied, count, chunk=128))
 
 
 def test_a_whole_matrix_above_the_top_k_limit_is_selected_by_threshold(monkeypatch):

@@ -8,6 +8,8 @@
 2. SmolLM2-135M (the bundled model) on --device: SparseGPT 50%, GPTQ w4 g128 act-order, SparseGPT 50% with
    --reconstruct biases,norms,masklora: wall time, the device peak measured per block against the plan's, and
    WikiText-2 perplexity (quality protocol: 32 x 512 calibration, first 32 x 512 test windows; --quick: 8 x 128).
+3. The whole-block selection of SparseGPT's sweep on --device: a top-k against the k-th value with the tie rule
+   (methods/masks.py uses the k-th value on the CPU, where it is 3x faster; on a GPU the choice waits for this).
 Ends with one summary table; every figure also goes to OUT/summary.json.
 """
 
@@ -117,6 +119,39 @@ def smollm2_checks(device: str, work: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def selection_timing(device: str) -> list[dict]:
+    """Milliseconds of a top-k and of `lowest_from_kth` on SparseGPT's 128-column blocks (SmolLM2's and OPT-175B's
+    widest rows), 50%, the median of 20 after a warm-up."""
+    from methods.masks import lowest_from_kth
+
+    def topk(scores: torch.Tensor, count: int) -> torch.Tensor:
+        mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        mask[torch.topk(scores.flatten(), count, largest=False).indices] = True
+        return mask
+
+    rows = []
+    for height in (1536, 12288, 49152):
+        scores = torch.rand(height, 128, device=device)
+        count = scores.numel() // 2
+        timing = {"rows": height}
+        for name, select in (("topk", topk), ("kth", lowest_from_kth)):
+            seconds = []
+            for _ in range(21):
+                synchronize(device)
+                clock = time.perf_counter()
+                select(scores, count)
+                synchronize(device)
+                seconds.append(time.perf_counter() - clock)
+            timing[f"{name}_ms"] = 1e3 * sorted(seconds[1:])[10]
+        rows.append(timing)
+    return rows
+
+
 def gib(size: float | None) -> str:
     return "-" if size is None else f"{size / 2**30:.2f} GiB"
 
@@ -135,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                "tiny": tiny_checks(args.device, args.out)}
     if not args.tiny_only:
         summary["smollm2"] = smollm2_checks(args.device, args.out, args.quick)
+    summary["selection"] = selection_timing(args.device)
     summary["seconds"] = time.perf_counter() - started
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"gpu check on {args.device} ({summary['gpu'] or 'no GPU'}, torch {summary['torch']}), "
@@ -147,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         for row in summary["smollm2"]:
             print(f"| {row['run']} | {row['seconds']:.1f} | {gib(row['device_peak_measured'])} / "
                   f"{gib(row['device_peak_planned'])} | {row['ppl']:.2f} |")
+    print("| block rows x 128, 50% | top-k ms | k-th value ms |\n| --- | --- | --- |")
+    for row in summary["selection"]:
+        print(f"| {row['rows']} | {row['topk_ms']:.3f} | {row['kth_ms']:.3f} |")
 
 
 if __name__ == "__main__":
