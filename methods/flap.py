@@ -38,14 +38,26 @@ ATTENTION_SCORES = ("squared", "plain")
 ATTENTION = "attention"  # the adapters' name for the channel group of attention heads (streamer/adapters/)
 
 
+COLUMN_SUM_VALUES = 1 << 23  # weights per chunk of a column sum: 64 MiB in float64
+
+
+def column_sums(weight: torch.Tensor, power: int) -> torch.Tensor:
+    """Σ_i |W_ij|^power over the rows, in float64, a chunk of rows at a time: a whole float64 copy of OPT-66B's fc2
+    (and its powers) raised the statistics pass's peak from 4.3 to 7.5 GiB."""
+    rows = max(1, COLUMN_SUM_VALUES // weight.shape[1])
+    sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        sums += weight[start : start + rows].double().abs().pow(power).sum(dim=0)
+    return sums
+
+
 def fluctuation_scores(metric: str, weight: torch.Tensor, moments: Moments) -> torch.Tensor:
     """The per-input-channel score of a consumer layer of weight (out, in) under `metric`, in float64."""
-    weight = weight.double()
     if metric == "IFV":
         return moments.variance.clone()
     if metric == "WIFV":
-        return moments.variance * weight.pow(2).sum(dim=0)
-    return weight.abs().mean(dim=0) * moments.mean_square.sqrt()
+        return moments.variance * column_sums(weight, 2)
+    return column_sums(weight, 1) / weight.shape[0] * moments.mean_square.sqrt()
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:

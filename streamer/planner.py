@@ -381,8 +381,11 @@ class Planner:
             result.append(phase("observe", {**block, **transients,
                                             "channel statistics": sum(n.statistic for n in self.layers.values())},
                                 pipeline))
+            # the cut block goes out a tensor at a time (PrunedLayout.block_tensors): one converted copy
+            largest_stored = max(linear.rows * linear.columns for linear in s.linears) * s.block_stored_bytes \
+                // max(1, s.block_bytes // s.dtype.itemsize)
             result.append(phase("prune", {"block": s.block_bytes, "cut block": s.block_bytes},
-                                {"block copy to write": staging, **pipeline}))
+                                {"tensor copy to write": largest_stored if staging else 0, **pipeline}))
         elif w.method is not None:
             observe, compress = self._statistics_peaks(choice, tokens)
             results = {KEPT_RESULTS: sum(layer.cost.kept_bytes for layer in self.block_layers())}

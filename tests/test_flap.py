@@ -140,6 +140,16 @@ def test_scores_follow_the_metric():
     assert scores["WIFN"] == pytest.approx([1.0 * 5 ** 0.5, 0.0, 1.5 * 2.0])  # mean|W[:, j]| · √E[x²]
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 23])
+def test_column_sums_over_row_chunks_equal_the_whole_matrix_in_float64(chunk, monkeypatch):
+    import methods.flap as flap
+
+    weight = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).bfloat16()
+    monkeypatch.setattr(flap, "COLUMN_SUM_VALUES", chunk)
+    torch.testing.assert_close(flap.column_sums(weight, 2), weight.double().pow(2).sum(dim=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(flap.column_sums(weight, 1), weight.double().abs().sum(dim=0), rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------- tiny models, streamed
 
 STREAMED_CASES = [(family, ("--metric", "IFV")) for family in FAMILIES] + [
