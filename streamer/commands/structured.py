@@ -217,8 +217,11 @@ def _block_specs(staged: StagedModel, skeleton: Skeleton, index: int) -> list[tu
 def prune_block(
     method: StructuredMethod, staged: StagedModel, summaries: Path, plan: KeptUnits, index: int, block: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """The dense block `index` cut down to its kept units: all its output tensors, by name relative to the block."""
-    tensors = dict(block.state_dict())
+    """The dense block `index` cut down to its kept units: all its output tensors, by name relative to the block.
+
+    Each group's layers take their cut weights as soon as they are made, so the dense ones are freed group by
+    group: a block and its whole cut copy were alive together (OPT-66B width: 4.4 GiB of the pruning pass's peak;
+    now the block and one group's cut layers). The block is released after this; only its tensors are read."""
     with safe_open(summary_path(summaries, index), "pt") as stored:
         for name, layout in staged.layouts.items():
             group = layout.group
@@ -227,7 +230,9 @@ def prune_block(
             pruned, consumer = method.prune(producers, block.get_submodule(group.consumer),
                                             plan.keep[name][index], summary)
             for path, layer in (*pruned.items(), (group.consumer, consumer)):
-                tensors[f"{path}.weight"] = layer.weight
+                dense = block.get_submodule(path)
+                dense.weight = nn.Parameter(layer.weight, requires_grad=False)
                 if layer.bias is not None:
-                    tensors[f"{path}.bias"] = layer.bias
-    return tensors
+                    dense.bias = nn.Parameter(layer.bias, requires_grad=False)
+            del producers, pruned, consumer
+    return dict(block.state_dict())
