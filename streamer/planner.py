@@ -148,6 +148,7 @@ class ModelShapes:
     groups: tuple[tuple[str, ...], ...]  # observed and compressed together
     shared_inputs: tuple[tuple[str, ...], ...]  # layers called with one input tensor (Adapter.shared_inputs)
     consumers: tuple[str, ...]  # the channel groups' consumer layers (structured methods observe only these)
+    channel_groups: tuple[tuple[str, ...], ...]  # each channel group's producers and consumer (cut together)
     dtype: torch.dtype  # compute dtype
     converts: bool  # the compute dtype differs from a stored floating dtype (a copy at read and write)
     eager_attention: bool  # attention scores materialized (seqlen² per head)
@@ -186,6 +187,7 @@ class ModelShapes:
             groups=tuple(adapter.sequential_groups) if true_sequential else (adapter.linear_names,),
             shared_inputs=adapter.shared_inputs,
             consumers=tuple(group.consumer for group in adapter.channel_groups),
+            channel_groups=tuple((*group.producers, group.consumer) for group in adapter.channel_groups),
             dtype=dtype,
             converts=any(e.dtype.is_floating_point and e.dtype != dtype for e in staged.checkpoint.entries.values()),
             eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
@@ -381,10 +383,12 @@ class Planner:
             result.append(phase("observe", {**block, **transients,
                                             "channel statistics": sum(n.statistic for n in self.layers.values())},
                                 pipeline))
-            # the cut block goes out a tensor at a time (PrunedLayout.block_tensors): one converted copy
-            largest_stored = max(linear.rows * linear.columns for linear in s.linears) * s.block_stored_bytes \
-                // max(1, s.block_bytes // s.dtype.itemsize)
-            result.append(phase("prune", {"block": s.block_bytes, "cut block": s.block_bytes},
+            # a group's cut layers replace its dense ones as they are made (structured.prune_block): at most the
+            # largest group's weights twice; the cut block goes out a tensor at a time, one converted copy
+            sizes = {linear.name: linear.rows * linear.columns for linear in s.linears}
+            cut_group = max((sum(sizes[name] for name in group) for group in s.channel_groups), default=0)
+            largest_stored = max(sizes.values()) * s.block_stored_bytes // max(1, s.block_bytes // s.dtype.itemsize)
+            result.append(phase("prune", {"block": s.block_bytes, "cut layers of a group": cut_group * s.dtype.itemsize},
                                 {"tensor copy to write": largest_stored if staging else 0, **pipeline}))
         elif w.method is not None:
             observe, compress = self._statistics_peaks(choice, tokens)
