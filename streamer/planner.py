@@ -387,9 +387,9 @@ class Planner:
             # largest group's weights twice; the cut block goes out a tensor at a time, one converted copy
             sizes = {linear.name: linear.rows * linear.columns for linear in s.linears}
             cut_group = max((sum(sizes[name] for name in group) for group in s.channel_groups), default=0)
-            largest_stored = max(sizes.values()) * s.block_stored_bytes // max(1, s.block_bytes // s.dtype.itemsize)
-            result.append(phase("prune", {"block": s.block_bytes, "cut layers of a group": cut_group * s.dtype.itemsize},
-                                {"tensor copy to write": largest_stored if staging else 0, **pipeline}))
+            largest_stored = max(sizes.values()) * s.dtype.itemsize * s.block_stored_bytes // s.block_bytes
+            cut = {"block": s.block_bytes, "cut layers of a group": cut_group * s.dtype.itemsize}
+            result.append(phase("prune", cut, {"tensor copy to write": largest_stored if staging else 0, **pipeline}))
         elif w.method is not None:
             observe, compress = self._statistics_peaks(choice, tokens)
             results = {KEPT_RESULTS: sum(layer.cost.kept_bytes for layer in self.block_layers())}

@@ -249,5 +249,6 @@ def test_two_ranks_score_their_shares_and_report_what_one_process_does(tiny_chec
     assert result.stdout.count(MULTIPLE_CHOICE) == 1, "one rank prints the table"
     two = json.loads((tmp_path / "two.json").read_text())
     assert_same_results(two, one, TASKS)
-    passes = [json.loads(path.read_text())["body"] for path in (tmp_path / "two.json.work").glob("*/.layerpress/journal.json")]
+    journals = (tmp_path / "two.json.work").glob("*/.layerpress/journal.json")
+    passes = [json.loads(path.read_text())["body"] for path in journals]
     assert passes and all(body["settings"]["world_size"] == 2 and body["state"] == "complete" for body in passes)

@@ -77,10 +77,7 @@ class RunRequest:
 def open_phase(run: Run, name: str, total_blocks: int) -> Run:
     """One pass of a multi-pass command (`Run.phase`): rank 0 journals it, the other ranks follow it once it is
     there."""
-    ranks = world()
-    if not ranks.distributed:
-        return run.phase(name, total_blocks)
-    return _made_by_writer(ranks, run.work / name, lambda: run.phase(name, total_blocks))
+    return _made_by_writer(world(), run.work / name, lambda: run.phase(name, total_blocks))
 
 
 def _made_by_writer(ranks: World, out: Path, make: Callable[[], Run]) -> Run:
