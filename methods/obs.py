@@ -230,9 +230,7 @@ class HessianSweep(Method):
         if spec is not None and spec.act_order:
             order = torch.argsort(statistic.gram.diagonal(), descending=True)
             weight = weight[:, order]
-            factor, damping = inverse_cholesky(statistic.gram[order][:, order], self.damping, statistic.scale)
-        else:
-            factor, damping = inverse_cholesky(statistic.gram, self.damping, statistic.scale)
+        factor, damping = inverse_cholesky(statistic.gram, self.damping, statistic.scale, order)
         grid = SweepGrid(weight, spec, order, layer.weight.dtype) if spec is not None else None
         compressed, mask, loss = sweep(weight, factor, target, self.blocksize, grid)
         restore = None if order is None else torch.argsort(order)
@@ -246,17 +244,16 @@ class HessianSweep(Method):
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
         """The factor (columns² float32), then in the sweep the float32 weight, its mask and the lazy update's
-        product (up to the weight's size), or at the end the result in `dtype`; with act-order, the Gram permuted for
-        the factorization (one more columns² float32); a grid's weight is read back a chunk of rows at a time
+        product (up to the weight's size), or at the end the result in `dtype` (act-order permutes the Gram into the
+        factor, a chunk at a time: no more columns² matrices); a grid's weight is read back a chunk of rows at a time
         (`read_grid`); the column loop launches a few
         kernels per column (`kernels_per_column`) on a rows × blocksize tile. A quantization grid adds a byte per
         weight. The mask (and the grid integers) are kept with the result. The statistic's update is the Gram's."""
         weight = rows * columns
         kept = weight + (QuantRecord.nbytes_for(rows, columns, target.quant, dtype) if target.quant else 0)
-        permuted = 4 * columns * columns if target.quant is not None and target.quant.act_order else 0
         dequantized = GRID_CHUNK_BYTES if target.quant is not None else 0  # the grid's weight, a chunk at a time
         return LayerCost(
-            working_bytes=4 * columns * columns + permuted + dequantized
+            working_bytes=4 * columns * columns + dequantized
             + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
             kept_bytes=kept,
             factored=columns,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from methods import METHODS, Target
-from methods.hessian import NonInvertibleHessian, inverse_cholesky
+from methods.hessian import NonInvertibleHessian, inverse_cholesky, scaled_copy
 from methods.masks import lowest_by_threshold, lowest_from_kth, lowest_in_rows, lowest_overall, n_of_m
 from methods.statistics import ColumnNorms, Gram
 
@@ -124,6 +124,19 @@ def test_singular_hessian_gets_more_damping_and_a_log_line(caplog):
         factor, damping = inverse_cholesky(singular, 0.0)
     assert damping > 0 and torch.isfinite(factor).all()
     assert "not positive definite" in caplog.text
+
+
+def test_act_order_factor_is_that_of_the_permuted_hessian_without_a_permuted_copy():
+    inputs = correlated_inputs(24, 200)
+    inputs[:, 3] = 0.0  # a dead input: its diagonal entry must be set to 1 where the permutation puts it
+    hessian = inputs.T @ inputs
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    expected, _ = inverse_cholesky(hessian[order][:, order], 0.01, 0.5)
+    scaled = torch.empty_strided((24, 24), (1, 24))
+    scaled_copy(hessian, 0.5, order, scaled, chunk=24 * 5)  # five columns a chunk: the last one is short
+    torch.testing.assert_close(scaled, 0.5 * hessian[order][:, order], rtol=0, atol=0)
+    factor, _ = inverse_cholesky(hessian, 0.01, 0.5, order)
+    torch.testing.assert_close(factor, expected, rtol=0, atol=0)
 
 
 def test_non_finite_hessian_is_a_clear_error():
