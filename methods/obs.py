@@ -257,8 +257,10 @@ class HessianSweep(Method):
             + weight * (max(9, 5 + dtype.itemsize) + (target.quant is not None)),
             kept_bytes=kept,
             factored=columns,
-            matmul_flops=float(rows) * columns * columns,
-            factor_flops=4.0 / 3.0 * float(columns) ** 3,
+            # the sweep's lazy updates and the factor's triangular inverse are matrix products; the solver
+            # factorizes once (methods/hessian.inverse_cholesky)
+            matmul_flops=float(rows) * columns * columns + 2.0 / 3.0 * float(columns) ** 3,
+            factor_flops=float(columns) ** 3 / 3.0,
             sequential_ops=kernels_per_column(target) * columns,
             sequential_bytes=6.0 * weight * self.blocksize,
             update_flops_per_token=2.0 * columns * columns,
