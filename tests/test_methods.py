@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from methods import METHODS, Target
-from methods.hessian import NonInvertibleHessian, inverse_cholesky, scaled_copy
+from methods.hessian import (
+    NonInvertibleHessian, invert_lower_triangular, inverse_cholesky, scaled_copy, turn_half,
+)
 from methods.masks import lowest_by_threshold, lowest_from_kth, lowest_in_rows, lowest_overall, n_of_m
 from methods.statistics import ColumnNorms, Gram
 
@@ -137,6 +139,31 @@ def test_act_order_factor_is_that_of_the_permuted_hessian_without_a_permuted_cop
     torch.testing.assert_close(scaled, 0.5 * hessian[order][:, order], rtol=0, atol=0)
     factor, _ = inverse_cholesky(hessian, 0.01, 0.5, order)
     torch.testing.assert_close(factor, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [5, 64, 203])
+def test_triangular_inverse_by_halves_and_half_turn_are_exact_rewrites(size):
+    generator = torch.Generator().manual_seed(size)
+    spread = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    lower = torch.linalg.cholesky(spread @ spread.T / size + torch.eye(size, dtype=torch.float64))  # as it meets them
+    inverse = lower.clone()
+    invert_lower_triangular(inverse, leaf=8, chunk=3 * size)  # several levels, several chunks per product
+    torch.testing.assert_close(inverse, torch.linalg.inv(lower), rtol=1e-9, atol=1e-9)
+    assert (inverse.triu(1) == 0).all()
+    turned = lower.clone()
+    turn_half(turned, chunk=2 * size)
+    assert torch.equal(turned, lower.flip(0, 1))
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    inputs = correlated_inputs(40, 300)
+    hessian = inputs.T @ inputs / 300
+    factor, damping = inverse_cholesky(hessian, 0.01, 2.0)
+    damped = 2.0 * hessian.double()
+    damped.diagonal().add_(damping * damped.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # plainly: invert, then factor
+    torch.testing.assert_close(factor.double(), expected, rtol=1e-4, atol=1e-5)
+    assert factor.stride() == (1, 40)  # column-major, as the solvers left it
 
 
 def test_non_finite_hessian_is_a_clear_error():
