@@ -92,22 +92,31 @@ def score_layer(
     """
     weight = layer.weight.detach().to(torch.float32, copy=True)
     weight.masked_fill_(dead_inputs(gram.gram), 0.0)
-    factor, used_damping = inverse_cholesky(gram.gram, damping, gram.scale)
-    saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
+    # The steps run in the order that keeps their largest temporaries apart (`Scorer.layer_cost`): the
+    # sensitivities before the factor exists, the saliencies freed before the sweeps, and the last sweep on the
+    # weight itself. Together they held 12.02 GiB beside OPT-66B fc2's 5.06 GiB Gram; apart, 8.0 GiB.
     # The sensitivities are ratios, the same for XᵀX as for H = scale · XᵀX: they read the Gram itself, so no n × n
     # copy of H is made (13 GB for BLOOM-176B's dense_4h_to_h); only the output energy is scaled back. They share
     # one tr(W XᵀX Wᵀ): three W·H products of the six a one-probe layer made (a 1152 × 4608 layer, 2 threads:
     # 2.86 → 2.29 s, the same numbers).
     hessian = gram.gram
     energy = output_energy(weight, hessian)
+    cmpq_noise = canonical_sensitivity(weight, hessian, cca_noise, energy)
+    pmpq = {p: pruning_sensitivity(weight, hessian, p, energy) for p in sparsities}
+    tdmpq = taylor_sensitivity(weight, hessian, energy)
+    factor, used_damping = inverse_cholesky(hessian, damping, gram.scale)
     result = LayerScore(layer.weight.numel(), {}, {}, used_damping, energy * gram.scale / 2,
-                        cmpq_noise=canonical_sensitivity(weight, hessian, cca_noise, energy),
-                        pmpq={p: pruning_sensitivity(weight, hessian, p, energy) for p in sparsities},
-                        tdmpq=taylor_sensitivity(weight, hessian, energy))
+                        cmpq_noise=cmpq_noise, pmpq=pmpq, tdmpq=tdmpq)
+    saliency = weight.pow(2) / factor.diagonal().pow(2).unsqueeze(0)
     for sparsity in sparsities:
         mask = lowest_overall(saliency, int(weight.numel() * sparsity))
         result.saliency[sparsity] = float(saliency[mask].sum(dtype=torch.float64) / 2)  # one_shot_saliency's
-        pruned, _, result.obs_loss[sparsity] = sweep(weight.clone(), factor, Target(sparsity=sparsity), blocksize)
+        del mask
+    del saliency
+    for index, sparsity in enumerate(sparsities):
+        last = index == len(sparsities) - 1
+        pruned, _, result.obs_loss[sparsity] = sweep(weight if last else weight.clone(), factor,
+                                                     Target(sparsity=sparsity), blocksize)
         if keep_pruned:
             result.pruned = pruned.to(layer.weight.dtype)
     return result
@@ -189,19 +198,26 @@ class Scorer:
                               self.outlier_threshold)
 
     def layer_cost(self, rows: int, columns: int, dtype: torch.dtype, target: Target) -> LayerCost:
-        """`score` on a rows × columns layer: the float32 weight and saliencies and the factor throughout; then the
-        largest of the sensitivities' working memory, a selection over the whole matrix, and one sweep (its
-        float32 copy of the weight and its own working memory). With keep_pruned, the pruned weight is kept."""
+        """`score` on a rows × columns layer, the largest of its steps (score_layer runs them apart): the float32
+        weight and the sensitivities' working memory; the factor, the weight, its saliencies and a selection over
+        the whole matrix; the factor and one sweep (whose float32 weight is the layer's copy; with several probes a
+        clone is swept and the copy kept). With keep_pruned, the pruned weight is kept."""
         weight = rows * columns
         probe = Target(sparsity=max(self.sparsities))
         sweep = SparseGPT(self.blocksize, self.damping, self.gram_dtype).layer_cost(rows, columns, dtype, probe)
-        sweep_beyond_factor = sweep.working_bytes - 4 * columns * columns
-        working = 4 * columns * columns + 8 * weight + max(
-            sensitivity_working_bytes(rows, columns, probe.sparsity),
-            selection_bytes(rows, columns, probe, per_row=False),
-            weight + 4 * weight + sweep_beyond_factor,
+        factor = 4 * columns * columns
+        working = max(
+            4 * weight + sensitivity_working_bytes(rows, columns, probe.sparsity),
+            factor + 8 * weight + selection_bytes(rows, columns, probe, per_row=False),
+            sweep.working_bytes + (4 * weight if len(self.sparsities) > 1 else 0),
         )
+        # the sensitivities: W·H products (the output energy, the output moments, and per probe the pruned
+        # weight's energy) and a float64 eigendecomposition of the smaller side (about 9 m³ flops: timed as a
+        # factorization)
+        side = min(rows, columns)
+        sensitivities = 2.0 * weight * columns * (2 + len(self.sparsities)) + 2.0 * side * side * max(rows, columns)
         return replace(sweep, working_bytes=working,
                        kept_bytes=weight * dtype.itemsize if self.keep_pruned else 0,
                        sequential_ops=sweep.sequential_ops * len(self.sparsities),
-                       matmul_flops=sweep.matmul_flops * len(self.sparsities))
+                       matmul_flops=sweep.matmul_flops * len(self.sparsities) + sensitivities,
+                       factor_flops=sweep.factor_flops + 9.0 * side**3)
