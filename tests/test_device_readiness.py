@@ -110,3 +110,5 @@ def test_the_prepared_gpu_check_runs_its_cpu_self_test(tmp_path):
     assert [row["family"] for row in summary["tiny"]] == ["opt", "bloom", "llama"]
     assert all(row["max_weight_difference"] == 0 and row["mask_agreement"] == 1 for row in summary["tiny"])
     assert "| llama | 0 | 100.000% |" in shown.stdout
+    assert [row["size"] for row in summary["factor"]] == [1024, 2048]  # both factor paths, timed and compared
+    assert all(row["relative_difference"] < 1e-4 for row in summary["factor"])

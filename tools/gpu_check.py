@@ -152,6 +152,40 @@ def selection_timing(device: str) -> list[dict]:
     return rows
 
 
+def factor_timing(device: str, sizes: tuple[int, ...]) -> list[dict]:
+    """Seconds of the inverse-Hessian factor two ways: the reference's three solver calls (Cholesky,
+    cholesky_inverse, Cholesky of the inverse: 4n³/3 in the solver) and `inverse_cholesky` (one Cholesky of the
+    reversed matrix and a triangular inverse made of matrix products), the best of 3 after a warm-up, with their
+    largest relative difference. The planner assumes the second is faster on an A100 (solver 5, float32 matmul
+    15 TFLOP/s): this measures it."""
+    from methods.hessian import inverse_cholesky
+
+    def three_solver_calls(hessian: torch.Tensor) -> torch.Tensor:
+        lower = torch.linalg.cholesky(hessian)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+    rows = []
+    for size in sizes:
+        inputs = torch.randn(2 * size, size, device=device)
+        hessian = inputs.T @ inputs / (2 * size)
+        hessian.diagonal().add_(0.01 * hessian.diagonal().mean())
+        timing, factors = {"size": size}, {}
+        for name, factor in (("solver", three_solver_calls), ("products", lambda h: inverse_cholesky(h, 0.0)[0])):
+            seconds = []
+            for _ in range(4):
+                synchronize(device)
+                clock = time.perf_counter()
+                factors[name] = factor(hessian)
+                synchronize(device)
+                seconds.append(time.perf_counter() - clock)
+            timing[f"{name}_s"] = min(seconds[1:])
+        timing["relative_difference"] = float((factors["solver"] - factors["products"]).abs().max()
+                                              / factors["solver"].abs().max())
+        rows.append(timing)
+        del inputs, hessian, factors
+    return rows
+
+
 def gib(size: float | None) -> str:
     return "-" if size is None else f"{size / 2**30:.2f} GiB"
 
@@ -171,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.tiny_only:
         summary["smollm2"] = smollm2_checks(args.device, args.out, args.quick)
     summary["selection"] = selection_timing(args.device)
+    summary["factor"] = factor_timing(args.device, (4096, 16384) if args.device.startswith("cuda") else (1024, 2048))
     summary["seconds"] = time.perf_counter() - started
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"gpu check on {args.device} ({summary['gpu'] or 'no GPU'}, torch {summary['torch']}), "
@@ -186,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| block rows x 128, 50% | top-k ms | k-th value ms |\n| --- | --- | --- |")
     for row in summary["selection"]:
         print(f"| {row['rows']} | {row['topk_ms']:.3f} | {row['kth_ms']:.3f} |")
+    print("| factor of n inputs | three solver calls s | one Cholesky + products s | largest difference |\n"
+          "| --- | --- | --- | --- |")
+    for row in summary["factor"]:
+        print(f"| {row['size']} | {row['solver_s']:.3f} | {row['products_s']:.3f} | {row['relative_difference']:.2e} |")
 
 
 if __name__ == "__main__":
