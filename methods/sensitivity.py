@@ -117,7 +117,9 @@ class BlockCorrelation:
         return 6 * 8 * width * width
 
 
-def canonical_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, noise: float, energy: float | None = None) -> float:
+def canonical_sensitivity(
+    weight: torch.Tensor, hessian: torch.Tensor, noise: float, energy: float | None = None,
+) -> float:
     """cmpq-noise (ours): 1 − mean canonical correlation of X and XWᵀ + e, e isotropic at `noise` × the mean output
     variance. energy: output_energy(weight, hessian), when the caller has it (as for the next two)."""
     spectrum = output_second_moments(weight, hessian).clamp(min=0)

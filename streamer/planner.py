@@ -629,8 +629,8 @@ class Speed:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-def _seconds(run: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
-    """The fastest of `repeats` timed runs, after a warm-up run."""
+def fastest_seconds(run: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
+    """The fastest of `repeats` timed runs, after a warm-up run (CUDA synchronized around each)."""
     run()
     best = float("inf")
     for _ in range(repeats):
@@ -653,7 +653,7 @@ def _rate(
     against 948 s measured.)"""
     best, best_size = 0.0, 0
     for size in (256, 512, 1024, 2048, 4096):
-        seconds = _seconds(make(size), device)
+        seconds = fastest_seconds(make(size), device)
         if flops(size) / seconds > best:
             best, best_size = flops(size) / seconds, size
         if seconds >= 0.2:
@@ -694,10 +694,10 @@ def probe_speed(
         tf32_rate = _rate(matmul(torch.float32, tf32=True), lambda n: 2.0 * n**3, device)[0]
     factor_rate, factor_size = _rate(cholesky, lambda n: n**3 / 3.0, device)
     small = torch.zeros(1024, device=device)
-    latency = _seconds(lambda: [small.add_(1.0) for _ in range(200)], device) / 200
+    latency = fastest_seconds(lambda: [small.add_(1.0) for _ in range(200)], device) / 200
     big = torch.zeros(2**25, device=device)
     copy = torch.empty_like(big)
-    bandwidth = 2 * big.nbytes / _seconds(lambda: copy.copy_(big), device)
+    bandwidth = 2 * big.nbytes / fastest_seconds(lambda: copy.copy_(big), device)
     read, write, where = _disk_speed(scratch)
     kinds = dict.fromkeys([str(dtype).removeprefix("torch."), *(["bfloat16"] if bf16_rate else []),
                            *(["tf32"] if tf32_rate else [])])

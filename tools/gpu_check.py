@@ -159,6 +159,7 @@ def factor_timing(device: str, sizes: tuple[int, ...]) -> list[dict]:
     largest relative difference. The planner assumes the second is faster on an A100 (solver 5, float32 matmul
     15 TFLOP/s): this measures it."""
     from methods.hessian import inverse_cholesky
+    from streamer.planner import fastest_seconds
 
     def three_solver_calls(hessian: torch.Tensor) -> torch.Tensor:
         lower = torch.linalg.cholesky(hessian)
@@ -169,20 +170,13 @@ def factor_timing(device: str, sizes: tuple[int, ...]) -> list[dict]:
         inputs = torch.randn(2 * size, size, device=device)
         hessian = inputs.T @ inputs / (2 * size)
         hessian.diagonal().add_(0.01 * hessian.diagonal().mean())
-        timing, factors = {"size": size}, {}
+        timing = {"size": size}
         for name, factor in (("solver", three_solver_calls), ("products", lambda h: inverse_cholesky(h, 0.0)[0])):
-            seconds = []
-            for _ in range(4):
-                synchronize(device)
-                clock = time.perf_counter()
-                factors[name] = factor(hessian)
-                synchronize(device)
-                seconds.append(time.perf_counter() - clock)
-            timing[f"{name}_s"] = min(seconds[1:])
-        timing["relative_difference"] = float((factors["solver"] - factors["products"]).abs().max()
-                                              / factors["solver"].abs().max())
+            timing[f"{name}_s"] = fastest_seconds(lambda: factor(hessian), torch.device(device), repeats=3)
+        solver, products = three_solver_calls(hessian), inverse_cholesky(hessian, 0.0)[0]
+        timing["relative_difference"] = float((solver - products).abs().max() / solver.abs().max())
         rows.append(timing)
-        del inputs, hessian, factors
+        del inputs, hessian, solver, products
     return rows
 
 
