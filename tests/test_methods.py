@@ -12,7 +12,9 @@ from methods import METHODS, Target
 from methods.hessian import (
     NonInvertibleHessian, invert_lower_triangular, inverse_cholesky, scaled_copy, turn_half,
 )
-from methods.masks import lowest_by_threshold, lowest_from_kth, lowest_in_rows, lowest_overall, n_of_m
+from methods.masks import (
+    lowest_by_threshold, lowest_from_kth, lowest_in_rows, lowest_overall, masked_sum, n_of_m,
+)
 from methods.statistics import ColumnNorms, Gram
 
 
@@ -105,6 +107,16 @@ def test_a_whole_matrix_above_the_top_k_limit_is_selected_by_threshold(monkeypat
     monkeypatch.setattr(masks, "TOPK_VALUES", 1000)
     monkeypatch.setattr(masks, "lowest_by_threshold", lambda s, c: expected.logical_not())  # shows which path ran
     assert torch.equal(masks.lowest_overall(scores, 2048), expected.logical_not())
+
+
+def test_masked_sum_is_the_sum_of_the_selected_values_however_the_chunks_cut():
+    """The score pass's saliency total: plainly Σ values[mask] in float64 (chunks cut rows anywhere, the last short)."""
+    values = torch.randn(37, 100, generator=torch.Generator().manual_seed(1))
+    mask = values.abs() < 0.8
+    expected = sum(float(v) for v, keep in zip(values.flatten().double(), mask.flatten()) if keep)
+    for chunk in (7, 128, values.numel(), 10 * values.numel()):
+        assert masked_sum(values, mask, chunk) == pytest.approx(expected, rel=1e-12)
+    assert masked_sum(values, torch.zeros_like(mask)) == 0.0
 
 
 def test_statistics_accumulate_over_micro_batches():
