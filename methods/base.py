@@ -141,6 +141,11 @@ class BaseMethod(ABC):
         """Everything that changes this method's result, for the output record and the resume fingerprint."""
         return asdict(self) if hasattr(self, "__dataclass_fields__") else {}
 
+    def block_statistic_bytes(self, width: int, tokens: int) -> int:
+        """What a statistic of the whole block, fed its hidden states `tokens` at a time after the block is
+        propagated, holds (the planner's "block statistic" phase); most methods keep none."""
+        return 0
+
 
 class Method(BaseMethod):
     """A per-layer compression method: settings in the constructor, per-layer maths in `compress`."""

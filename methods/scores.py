@@ -192,10 +192,9 @@ class Scorer:
         """CMPQ's statistic of one block: its input and output hidden states, fed after it is propagated."""
         return BlockCorrelation(width, device)
 
-    @staticmethod
-    def correlation_bytes(width: int, tokens: int) -> int:
+    def block_statistic_bytes(self, width: int, tokens: int) -> int:
         """What `block_correlation` holds while it is fed `tokens` (one micro-batch) at a time: its moments and the
-        micro-batch's inputs and outputs in float64."""
+        micro-batch's inputs and outputs in float64 (`BaseMethod.block_statistic_bytes`)."""
         return BlockCorrelation.nbytes(width) + 2 * 8 * tokens * width
 
     def outliers(self, layers: dict[str, nn.Linear], hessian_diagonals: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -401,9 +401,9 @@ class Planner:
                 result.append(phase("write", {**block, **results}, {"block copy to write": staging, **pipeline}))
         writing = {"block being written": staging} if writes and not w.structured else {}
         result.append(phase("propagate", {**block, **transients}, {**writing, **pipeline}))
-        if w.command == "scores":  # CMPQ: the block's input and output correlated after it is propagated
-            result.append(phase("correlate", {"canonical-correlation moments": w.method.correlation_bytes(
-                s.hidden, tokens)}, pipeline))
+        block_statistic = w.method.block_statistic_bytes(s.hidden, tokens) if w.method is not None else 0
+        if block_statistic:  # e.g. CMPQ's: the block's input and output correlated after it is propagated
+            result.append(phase("correlate", {"block statistic": block_statistic}, pipeline))
         if w.command == "gradients":
             return result + self._gradient_phases(choice, phase, block)
         logits = tokens * s.vocab * (s.dtype.itemsize + 4 + 4)  # logits, in float32, log-softmax
