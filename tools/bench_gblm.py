@@ -25,10 +25,6 @@ sys.path.insert(0, str(ROOT))
 from tools.smollm2_demo import PROTOCOL, cli, perplexity  # noqa: E402
 
 
-def run(*argv: str) -> str:
-    """main.py ARGV in this process, echoed as the command that reproduces it."""
-    print("$ python main.py " + shlex.join(argv), flush=True)
-    return cli("-q", *argv)
 
 
 def main_job() -> None:
@@ -46,14 +42,14 @@ def main_job() -> None:
         calibration = ["--model", str(args.model), *PROTOCOL, "--nsamples", str(nsamples), "--seed", "0",
                        "--device", args.device]
         gradients = args.workdir / f"gradients-{nsamples}"
-        run("gradients", *calibration, "--out", str(gradients))
+        cli("-q", "gradients", *calibration, "--out", str(gradients))
         for alpha in args.alphas:
             key = f"n{nsamples} alpha {alpha}"
             out = args.workdir / f"gblm-{nsamples}-{alpha}-{args.sparsity}"
             command = ["compress", *calibration, "--out", str(out), "--method", "gblm", "--alpha", alpha,
                        "--sparsity", args.sparsity, "--gradients", str(gradients)]
             if key not in results:
-                run(*command)
+                cli("-q", *command)
                 results[key] = {"nsamples": nsamples, "alpha": float(alpha), "sparsity": float(args.sparsity),
                                 "ppl": perplexity(out, args.device), "command": "python main.py " + shlex.join(command)}
                 args.workdir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -59,6 +60,9 @@ def cell_name(method: str, target: str, subsets: str, profile: str) -> str:
 
 
 def run(argv: list[str], env: dict[str, str]) -> tuple[str, float]:
+    """One main.py command in a fresh process, echoed on stderr as the command that reproduces it; its standard
+    output and wall time."""
+    print(f"$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} python main.py " + shlex.join(argv), file=sys.stderr, flush=True)
     clock = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "-q", *argv], env=env, capture_output=True, text=True)
     if done.returncode:

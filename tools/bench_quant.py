@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -48,7 +49,9 @@ RUNS: dict[str, list[str]] = {
 
 
 def main_py(*argv: str) -> str:
-    """Run one main.py command in a fresh process; return its standard output."""
+    """Run one main.py command in a fresh process, echoed on stderr as the command that reproduces it; return its
+    standard output."""
+    print("$ python main.py " + shlex.join(argv), file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "-q", *argv], capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"main.py {' '.join(argv)} failed:\n{done.stderr[-2000:]}")

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +29,9 @@ EVALUATION = ["--windows", "32"]
 
 
 def cli(*argv: str) -> str:
-    """Run one main.py command in this process; return its standard output."""
+    """Run one main.py command in this process, echoed on stderr as the command that reproduces it; return its
+    standard output."""
+    print("$ python main.py " + shlex.join(argv), file=sys.stderr, flush=True)
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         code = main.main(list(argv))
