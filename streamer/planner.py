@@ -45,7 +45,7 @@ from torch import nn
 
 from methods import Method, StructuredMethod, Target
 from methods.base import LayerCost, Statistic
-from methods.reconstruct import Reconstruction
+from methods.reconstruct import PROBE_WINDOWS, Reconstruction
 from methods.statistics import tf32_products
 
 from . import hostmemory
@@ -770,8 +770,11 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         seconds += forward / matmul  # the statistics pass observes the whole block
     elif w.method is not None:
         seconds += forward * _observed_fraction(planner, choice) / matmul
-        if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work
-            seconds += w.reconstruction.steps * 3 * forward * choice.micro_batch / w.nsamples / matmul
+        if w.reconstructs:  # each step: a micro-batch's forward, and a backward of twice its work; the error
+            # probe's windows twice (before and after)
+            probed = min(w.rank_windows, math.ceil(PROBE_WINDOWS / choice.micro_batch) * choice.micro_batch)
+            windows = w.reconstruction.steps * 3 * choice.micro_batch + 2 * probed
+            seconds += windows * forward / w.rank_windows / matmul
         for readers in planner.observed_inputs():  # a statistic's updates, once for the layers sharing it
             cost = planner.layers[readers[0]].cost
             seconds += tokens * (cost.update_flops_per_token / speed.statistic_rate(cost.update_precision)

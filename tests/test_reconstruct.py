@@ -81,6 +81,12 @@ def test_the_learning_rate_warms_up_then_decays_linearly():
     assert all(a > b > 0 for a, b in zip(factors[2:], factors[3:]))
 
 
+@pytest.mark.parametrize("sizes, probed", [([1] * 32, 8), ([3] * 5, 3), ([8, 8], 1), ([2, 2], 2)])
+def test_the_reported_errors_are_measured_on_eight_windows_whatever_the_micro_batch(sizes, probed):
+    batches = [(torch.zeros(size, 4), torch.zeros(size, 4)) for size in sizes]
+    assert len(recon.probe_batches(batches)) == probed
+
+
 @pytest.mark.parametrize("text, message", [("masklora,scalelora", "one weight update"), ("norms,bias", "unknown")])
 def test_bad_subsets_are_refused(tiny_checkpoints, tmp_path, calib_text, capsys, text, message):
     argv = ["compress", "--model", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / "out"),
