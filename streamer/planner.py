@@ -743,12 +743,16 @@ class Estimate:
     blocks: int
     prefetch: bool
     exchange: float = 0.0  # torchrun: statistics summed across ranks, results broadcast (not overlapped)
+    persist_overlaps: bool = True  # one process saves the next inputs while the next block runs; torchrun's ranks
+    # gather their paths first (streamer/stream.py)
 
     @property
     def per_block(self) -> float:
+        hidden = self.persist if self.persist_overlaps else 0.0  # beside the compute, sharing the disk with writes
+        serial = self.persist - hidden
         if self.prefetch:
-            return max(self.read, self.compute + self.exchange, self.write) + self.persist
-        return self.read + self.compute + self.exchange + self.write + self.persist
+            return max(self.read, self.compute + self.exchange, self.write + hidden) + serial
+        return self.read + max(self.compute + self.exchange, hidden) + self.write + serial
 
     @property
     def total(self) -> float:
@@ -796,6 +800,7 @@ def estimate_time(planner: Planner, choice: Choice, speed: Speed) -> Estimate:
         blocks=s.blocks,
         prefetch=planner.prefetch,
         exchange=_exchange_seconds(planner, speed),
+        persist_overlaps=w.world_size == 1,
     )
 
 
@@ -906,7 +911,8 @@ class Plan:
             lines.append(f"{phase.name:10s} {device:>12s} {gib(phase.host_peak):>10s}   {top}{note}")
         if self.estimate is not None:
             e = self.estimate
-            overlap = "read and write overlapped with compute" if e.prefetch else "read, compute, write in turn"
+            overlapped = (["read", "write"] if e.prefetch else []) + (["persist"] if e.persist_overlaps else [])
+            overlap = f"{', '.join(overlapped)} overlapped with compute" if overlapped else "read, compute, write in turn"
             lines.append(
                 f"time: about {e.total / 3600:.2f} h = {e.blocks} blocks x {e.per_block:.1f} s (per block: read "
                 f"{e.read:.1f} s, compute {e.compute:.1f} s, write {e.write:.1f} s, persist inputs {e.persist:.1f} s"

@@ -1,16 +1,17 @@
 """The block loop every streaming command shares: embed once, then read, process, propagate, release each block.
 
 A command (compress, eval, a statistics pass) supplies only what it does to a block while the block is on the
-device (for compress: streamer/block.py). The loop owns the order of the phases, the activations and, when given a Run, resumability: after each
-block the next block's inputs are made durable and the journal records the block as done, so a killed run picks
-up at the first unfinished block with bit-identical inputs.
+device (for compress: streamer/block.py). The loop owns the order of the phases, the activations and, when given a
+Run, resumability: after each block the next block's inputs are saved (on a thread, while the next block runs) and
+the journal records the block as done once they are durable, so a killed run picks up at the first unrecorded block
+with bit-identical inputs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,46 +193,77 @@ def stream_blocks(
         " (resumed)" if start else "",
     )
     bar = tqdm(total=staged.num_blocks, initial=start, desc=desc, unit="block", disable=None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-prefetch") as reader:
+    unrecorded: _Unrecorded | None = None  # the last block done, its next inputs still being saved
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-prefetch") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerpress-persist") as saver:
         upcoming = reader.submit(staged.read_block, start) if options.prefetch and start < staged.num_blocks else None
-        for index in range(start, staged.num_blocks):
-            phase = Phases(index, bar, options.device, desc)
-            with phase("read"):  # with prefetch: the time spent waiting for a read that ran during the last block
-                tensors = upcoming.result() if upcoming is not None else staged.read_block(index)
-                # a finished future keeps its result: drop it, or the last block's stored copy stays all block long
-                upcoming = reader.submit(staged.read_block, index + 1) \
-                    if upcoming is not None and index + 1 < staged.num_blocks else None
-                block = staged.load_block(index, tensors)
-            del tensors
-            context = BlockContext(index, block, staged, acts, extras, options.device, phase)
-            record = process(context)
-            failpoint("before-propagate")
-            if not context.propagated:
-                with phase("propagate"):
-                    context.forward(keep_outputs=True)
-            staged.release_block(index)
-            acts.swap()
-            if run is not None:
-                with phase("persist"):
-                    inputs_file = _persist_inputs(acts, run, index + 1)
-                    # every rank's inputs are durable once all have sent their path; the journal lists them
-                    rank_inputs = ranks.gather(str(inputs_file))
-                if ranks.distributed:
-                    record = {**record, "rank_inputs": rank_inputs}
-            if settle is not None:
-                record = {**record, **settle(context)}
-            peak = _device_peak(options, index)
-            if run is not None:
-                run.record_block(index, inputs_file, {**record, **peak}, phase.seconds)
-            log.info(
-                "block %d/%d done: %s%s", index + 1, staged.num_blocks,
-                ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phase.seconds.items()),
-                "".join(f"; device peak {gib(used['measured'])} (planned {gib(used['planned'] or 0)})"
-                        for used in peak.get("device_peaks", {}).values()),
-            )
-            bar.update(1)
+        try:
+            for index in range(start, staged.num_blocks):
+                phase = Phases(index, bar, options.device, desc)
+                with phase("read"):  # with prefetch: the time spent waiting for a read that ran during the last block
+                    tensors = upcoming.result() if upcoming is not None else staged.read_block(index)
+                    # a finished future keeps its result: drop it, or the last block's stored copy stays all block long
+                    upcoming = reader.submit(staged.read_block, index + 1) \
+                        if upcoming is not None and index + 1 < staged.num_blocks else None
+                    block = staged.load_block(index, tensors)
+                del tensors
+                context = BlockContext(index, block, staged, acts, extras, options.device, phase)
+                record = process(context)
+                failpoint("before-propagate")
+                if not context.propagated:
+                    with phase("propagate"):
+                        context.forward(keep_outputs=True)
+                staged.release_block(index)
+                if unrecorded is not None:  # the buffer it saves becomes the outputs at the swap
+                    finished, unrecorded = unrecorded, None
+                    with phase("persist"):  # here: waiting for the last block's save to end
+                        finished.journal()
+                acts.swap()
+                inputs_file: Path | None = None
+                if run is not None and ranks.distributed:
+                    with phase("persist"):  # every rank's inputs are durable once all have sent their path
+                        inputs_file = _persist_inputs(acts, run, index + 1)
+                        record = {**record, "rank_inputs": ranks.gather(str(inputs_file))}
+                elif run is not None:  # saved while the next block is read and processed (which only reads them)
+                    saving = saver.submit(_persist_inputs, acts, run, index + 1)
+                if settle is not None:
+                    record = {**record, **settle(context)}
+                peak = _device_peak(options, index)
+                if inputs_file is not None:
+                    run.record_block(index, inputs_file, {**record, **peak}, phase.seconds)
+                elif run is not None:
+                    unrecorded = _Unrecorded(run, index, saving, {**record, **peak}, phase.seconds)
+                log.info(
+                    "block %d/%d done: %s%s", index + 1, staged.num_blocks,
+                    ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phase.seconds.items()),
+                    "".join(f"; device peak {gib(used['measured'])} (planned {gib(used['planned'] or 0)})"
+                            for used in peak.get("device_peaks", {}).values()),
+                )
+                bar.update(1)
+        except BaseException:
+            if unrecorded is not None and unrecorded.saving.exception() is None:
+                unrecorded.journal()  # finished work stays recorded: a resumed run starts after it
+            raise
+        if unrecorded is not None:
+            unrecorded.journal()
     bar.close()
     return acts
+
+
+@dataclass
+class _Unrecorded:
+    """A block done whose next block's inputs are still being saved: the journal records it once they are
+    durable. Saving them while the next block runs hides the write and its fsync (SmolLM2, 32 x 512 windows: 19 MB,
+    1.2 s of a 34 s run; a BLOOM-176B block's 128 x 2048 windows: 7.5 GB)."""
+
+    run: Run
+    index: int
+    saving: Future[Path]
+    record: dict[str, Any]
+    timing: dict[str, float]
+
+    def journal(self) -> None:
+        self.run.record_block(self.index, self.saving.result(), self.record, self.timing)
 
 
 def _device_peak(options: StreamOptions, index: int) -> dict[str, Any]:
