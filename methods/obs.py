@@ -262,7 +262,7 @@ class HessianSweep(Method):
             factor_flops=float(columns) ** 3 / 3.0,
             sequential_ops=kernels_per_column(target) * columns,
             sequential_bytes=6.0 * weight * self.blocksize,
-            update_flops_per_token=2.0 * columns * columns,
+            update_flops_per_token=Gram.update_flops_per_token(columns, self.gram_dtype),
             update_bytes_per_token=Gram.update_bytes_per_token(columns, dtype, self.gram_dtype),
             update_precision=self.gram_dtype,
             update_moved_bytes_per_token=Gram.update_moved_bytes_per_token(columns, self.gram_dtype),

@@ -27,20 +27,25 @@ class Gram(Statistic):
     - "tf32": the same with TF32 tensor cores allowed on CUDA for this product alone (10 of float32's 23 mantissa
       bits kept in the products); a CPU has no TF32, and there this is float32 exactly.
     - "bfloat16": the inputs rounded to bfloat16 (8 bits), multiplied BF16_CHUNK tokens at a time with float32
-      accumulation inside the product (oneDNN on a CPU, cuBLAS on CUDA), each chunk's product rounded once to
-      bfloat16 and added to the float32 sum. torch returns a bfloat16 product in bfloat16, so the chunk bounds that
-      rounding: its error grows as the square root of the tokens per chunk. On 16384 tokens of 576 correlated
-      features, relative Frobenius error against float64: float32 1.4e-7; the inputs' rounding alone 2.7e-4;
-      bfloat16 in chunks of 512, 1024, 4096, 16384 tokens 4.3e-4, 5.3e-4, 8.7e-4, 1.75e-3. On this project's
-      AVX512-BF16 CPU (no AMX) a bfloat16 product runs 2.0-2.2x faster than a float32 one.
+      accumulation inside the product (oneDNN on a CPU, cuBLAS on CUDA), each chunk's product rounded once to bfloat16
+      and added to the float32 sum (its lower triangle only, in panels: see PANEL). torch returns a bfloat16 product
+      in bfloat16, so the chunk bounds that rounding: its error grows as the square root of the tokens per chunk. On
+      16384 tokens of 576 correlated features, relative Frobenius error against float64: float32 1.4e-7; the inputs'
+      rounding alone 2.7e-4; bfloat16 in chunks of 512, 1024, 4096, 16384 tokens 4.3e-4, 5.3e-4, 8.7e-4, 1.75e-3. On
+      this project's AVX512-BF16 CPU (no AMX) a bfloat16 product runs 2.0-2.2x faster than a float32 one.
     """
 
     BF16_CHUNK = 1024  # tokens per bfloat16 product: twice the inputs' own rounding error, within 10% of the speed
+    # Columns per panel of a bfloat16 product, which makes only the panel's rows from its first column on (the
+    # lower triangle; the upper is mirrored from it when the Gram is read). SmolLM2's inputs, 2 threads, 16384
+    # tokens in chunks of 512: 576 columns 15.7 -> 14.1 ms, 1536 columns 83.2 -> 60.2 ms against whole panels.
+    PANEL = 512
 
     def __init__(self, layer: nn.Linear, gram_dtype: str = "float32"):
         check_gram_dtype(gram_dtype)
         columns = layer.in_features
         self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=layer.weight.device)
+        self._symmetric = True  # False while only the lower triangle of _sum is up to date
         self.tokens = 0
         self.gram_dtype = gram_dtype
 
@@ -56,12 +61,42 @@ class Gram(Statistic):
         self.tokens += flat.shape[0]
 
     def _add_low_precision(self, chunk: torch.Tensor) -> None:
-        """XᵀX of one chunk added to the sum, in panels of as many columns as the chunk has tokens, so that the
-        product and its float32 copy (the CPU converts it before adding) stay the size of the chunk."""
-        width = max(chunk.shape[0], 1)
+        """The lower triangle of one chunk's XᵀX added to the sum, a panel of columns at a time (no wider than the
+        chunk has tokens, so that the product and its float32 copy, which the CPU makes before adding, stay within
+        the chunk's size). Each product is about half as much work as the whole matrix's."""
+        width = self._panel(chunk.shape[0])
         with _exact_reductions(chunk.is_cuda):
             for start in range(0, chunk.shape[1], width):
-                self._sum[:, start : start + width].add_(chunk.T @ chunk[:, start : start + width])
+                self._sum[start:, start : start + width].add_(chunk[:, start:].T @ chunk[:, start : start + width])
+        self._symmetric = False
+
+    @classmethod
+    def _panel(cls, tokens: int) -> int:
+        return max(min(cls.PANEL, tokens), 1)
+
+    def _mirror(self) -> None:
+        """Every entry above the diagonal copied from its twin below it, which every update has added to (the
+        panels also make some of the entries above, as chunks of fewer tokens make other ones), a panel of columns
+        at a time (no columns² temporary)."""
+        columns, width = self._sum.shape[0], self.PANEL
+        for start in range(0, columns, width):
+            end = min(start + width, columns)
+            self._sum[:start, start:end] = self._sum[start:end, :start].T
+            square = self._sum[start:end, start:end]
+            square.copy_(square.tril() + square.tril(-1).T)
+        self._symmetric = True
+
+    @classmethod
+    def lower_entries(cls, columns: int, tokens: int = BF16_CHUNK) -> int:
+        """Entries a bfloat16 update's products make per chunk of `tokens`: the panels' rows from their first
+        column on."""
+        width = cls._panel(tokens)
+        return sum((columns - start) * min(width, columns - start) for start in range(0, columns, width))
+
+    @classmethod
+    def update_flops_per_token(cls, columns: int, gram_dtype: str = "float32") -> float:
+        """2·n² per token in float32; in bfloat16 the lower triangle's panels (at 1024 tokens a chunk)."""
+        return 2.0 * (cls.lower_entries(columns) if gram_dtype == "bfloat16" else columns * columns)
 
     @staticmethod
     def update_bytes_per_token(columns: int, dtype: torch.dtype, gram_dtype: str = "float32") -> int:
@@ -76,11 +111,11 @@ class Gram(Statistic):
     @classmethod
     def update_moved_bytes_per_token(cls, columns: int, gram_dtype: str = "float32") -> float:
         """Memory traffic per token of the bfloat16 update beyond its products: every chunk writes and reads back
-        its bfloat16 product (2 + 2 bytes per entry) and reads and writes the float32 sum (4 + 4), so 12·n² bytes
-        per BF16_CHUNK tokens. At 1024 tokens that is 6 bytes per 1,000 flops: on an A100 (1.5 TB/s, 200 TFLOP/s
-        assumed) the traffic takes 80% as long as the products. A float32 update adds into the sum once per
-        micro-batch, which is left out."""
-        return 12.0 * columns * columns / cls.BF16_CHUNK if gram_dtype == "bfloat16" else 0.0
+        its bfloat16 product (2 + 2 bytes per entry) and reads and writes the float32 sum (4 + 4), so 12 bytes per
+        entry of the lower triangle's panels per BF16_CHUNK tokens. At 1024 tokens that is 6 bytes per 1,000 flops:
+        on an A100 (1.5 TB/s, 200 TFLOP/s assumed) the traffic takes 80% as long as the products. A float32 update
+        adds into the sum once per micro-batch, which is left out."""
+        return 12.0 * cls.lower_entries(columns) / cls.BF16_CHUNK if gram_dtype == "bfloat16" else 0.0
 
     def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
         total(self._sum)
@@ -89,6 +124,8 @@ class Gram(Statistic):
     @property
     def gram(self) -> torch.Tensor:
         """XᵀX itself (not a copy): solvers scale it into their own working matrix, saving a copy of n² floats."""
+        if not self._symmetric:
+            self._mirror()
         return self._sum
 
     @property
@@ -98,7 +135,7 @@ class Gram(Statistic):
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self._sum * self.scale
+        return self.gram * self.scale
 
 
 def total_count(total: Callable[[torch.Tensor], torch.Tensor], count: int, device: torch.device) -> int:

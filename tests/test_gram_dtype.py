@@ -100,6 +100,24 @@ def test_bfloat16_gram_of_wide_layers_is_accumulated_in_panels():
     assert relative_error(gram.gram, inputs) < 2 * UNIT_ROUNDOFF
 
 
+def test_bfloat16_gram_makes_the_lower_triangle_and_reads_back_exactly_symmetric():
+    """Chunks of different widths (more and fewer tokens than a panel has columns) make different entries above
+    the diagonal; the Gram read back is every entry below mirrored, also when read between updates."""
+    inputs = correlated_inputs(tokens=2100, columns=1100)
+    gram = Gram(nn.Linear(1100, 4, bias=False), "bfloat16")
+    for seen, part in enumerate(inputs.split([1024, 300, 7, 769])):
+        gram.update(part)
+        if seen == 1:
+            assert torch.equal(gram.gram, gram.gram.T)
+    assert torch.equal(gram.gram, gram.gram.T)
+    assert_within_rounding_bound(gram.gram, inputs)
+    assert relative_error(gram.gram, inputs) < 2 * UNIT_ROUNDOFF
+    whole = 1100 * 1100
+    assert Gram.lower_entries(1100) == 1100 * 512 + 588 * 512 + 76 * 76 < 0.75 * whole
+    assert Gram.update_flops_per_token(1100, "bfloat16") == 2 * Gram.lower_entries(1100)
+    assert Gram.update_flops_per_token(1100, "float32") == 2 * whole
+
+
 def test_statistic_size_is_the_float32_sum_for_every_gram_dtype():
     layer = nn.Linear(576, 8, bias=False, device="meta")
     for gram_dtype in ("float32", "tf32", "bfloat16"):
