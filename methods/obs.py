@@ -83,7 +83,7 @@ def sweep(
     mask, a scalar) would make a GPU wait for every column's kernels before launching the next ones. A column's
     error is written straight into the block's error matrix and only the later columns get the rank-1 update; the
     pruned weights are zeroed, and the loss summed from the error matrix, once per block; a grid's rounding writes
-    into the block's result. Kernels per column: 4 pruning, 11 on a grid, 18 pruning into groups (before: 13, 23,
+    into the block's result. Kernels per column: 3 pruning, 11 on a grid, 18 pruning into groups (before: 13, 23,
     33; `kernels_per_column`); the results are bit for bit those of before (tools/sweep_identity.py).
     """
     rows, columns = weight.shape
@@ -102,19 +102,26 @@ def sweep(
         errors = torch.zeros_like(block)
         rounded = None if grid is None else torch.empty_like(block)
         block_mask = torch.zeros_like(block, dtype=torch.bool)
+        # Pruning alone: a column's error (w − w·[kept]) / d is w / d for the pruned weights and zero for the kept
+        # ones, one division by d or by ∞ (w / ∞ = 0, finite w) instead of a selection and a division per column
+        divisors = diagonal.unsqueeze(1).expand_as(block).clone() if rounded is None and prunes else None
         if target.pattern is None and prunes:
             saliency = block.T.pow(2) / diagonal.pow(2).unsqueeze(0)  # rows × columns, as the selection counts ties
             block_mask.T.copy_(lowest_overall(saliency, int(saliency.numel() * target.sparsity)))
+            if divisors is not None:
+                divisors.masked_fill_(block_mask.logical_not(), torch.inf)
         for column in range(end - start):
             if target.pattern is not None and column % target.pattern[1] == 0:
                 n, m = target.pattern
                 window = block[column : column + m].T
                 saliency = window.pow(2) / diagonal[column : column + m].pow(2).unsqueeze(0)
                 block_mask[column : column + m].T.copy_(n_of_m(saliency, n, m))
+                if divisors is not None:
+                    divisors[column : column + m].masked_fill_(block_mask[column : column + m].logical_not(), torch.inf)
             values, error, pruned = block[column], errors[column], block_mask[column]
-            if rounded is None:  # (w − w·[kept]) / d: the pruned weights' values, zero elsewhere
-                torch.div(torch.where(pruned, values, 0.0), diagonal[column], out=error)
-            else:
+            if divisors is not None:
+                torch.div(values, divisors[column], out=error)
+            elif rounded is not None:  # (neither: a layer allocated 0% without a grid, whose errors stay zero)
                 kept = values.masked_fill(pruned, 0.0) if prunes else values
                 position = start + column
                 if width := grid.group_width(position):
@@ -271,9 +278,9 @@ class HessianSweep(Method):
 
 def kernels_per_column(target: Target) -> int:
     """Kernels the sweep launches per column for `target` (tests/test_sync_count.py counts them by dispatch, within
-    one): 4 pruning, 2 more for N:M masks (chosen every m columns), 11 on a grid (12 also pruning), 6 more pruning
-    into lazy groups (whose fit first replays the group's pruning). Before the sweep lost its host reads: 13, 15,
-    23, 33 for pruning, N:M, a grid and pruning into groups."""
+    one): 3 pruning (4 before its error became one division), 2 more for N:M masks (chosen every m columns), 11 on
+    a grid (12 also pruning), 6 more pruning into lazy groups (whose fit first replays the group's pruning). Before
+    the sweep lost its host reads: 13, 15, 23, 33 for pruning, N:M, a grid and pruning into groups."""
     spec, prunes = target.quant, not target.is_dense
     lazy_groups = spec is not None and spec.groupsize is not None and spec.act_order != "weight"
-    return (4 if spec is None else 11 + prunes) + 2 * (target.pattern is not None) + 6 * (lazy_groups and prunes)
+    return (3 if spec is None else 11 + prunes) + 2 * (target.pattern is not None) + 6 * (lazy_groups and prunes)
