@@ -275,22 +275,17 @@ def batch_order(count: int, steps: int, generator: torch.Generator) -> list[int]
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) micro-batches on the block's device
 
 
-def mean_loss(run_block: Callable[[torch.Tensor], torch.Tensor], batches: Batches, indices: Sequence[int]) -> float:
-    """Mean squared error of the block's outputs against the targets, averaged over the micro-batches `indices`
-    (fetched one at a time, as training fetches them: on a GPU with activations in host memory each is a copy)."""
-    total = 0.0
+def probe_loss(run_block: Callable[[torch.Tensor], torch.Tensor], batches: Batches) -> float:
+    """Mean squared error of the block's outputs against the targets, averaged over the leading micro-batches that
+    hold PROBE_WINDOWS windows (all of them when there are fewer), fetched one at a time as training fetches them
+    (on a GPU with activations in host memory each is a copy)."""
+    total, windows, probed = 0.0, 0, 0
     with torch.no_grad():
-        for index in indices:
-            inputs, targets = batches[index]
+        while probed < len(batches) and windows < PROBE_WINDOWS:
+            inputs, targets = batches[probed]
             total += nn.functional.mse_loss(run_block(inputs).float(), targets.float()).item()
-    return total / len(indices)
-
-
-def probe_indices(batches: Batches) -> range:
-    """The leading micro-batches that hold PROBE_WINDOWS windows (all of them when there are fewer); micro-batches
-    are of one size but the last."""
-    per_batch = batches[0][0].shape[0]
-    return range(min(len(batches), -(-PROBE_WINDOWS // per_batch)))
+            windows, probed = windows + inputs.shape[0], probed + 1
+    return total / probed
 
 
 def reconstruct(
@@ -312,8 +307,7 @@ def reconstruct(
     targets = _targets(linears, norms, settings)
     if not batches or not targets:
         return ReconstructionReport(0, total, float("nan"), float("nan"))
-    probe = probe_indices(batches)
-    loss_before = mean_loss(run_block, batches, probe)
+    loss_before = probe_loss(run_block, batches)
     try:
         trainable = _attach(targets, settings, generator)
         optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -333,4 +327,4 @@ def reconstruct(
     finally:
         _detach(targets)
     trained = sum(parameter.numel() for parameter in trainable)
-    return ReconstructionReport(trained, total, loss_before, mean_loss(run_block, batches, probe))
+    return ReconstructionReport(trained, total, loss_before, probe_loss(run_block, batches))

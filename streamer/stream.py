@@ -219,7 +219,8 @@ def stream_blocks(
                     with phase("persist"):  # here: waiting for the last block's save to end
                         finished.journal()
                 acts.swap()
-                inputs_file: Path | None = None
+                inputs_file: Path | None = None  # saved here (torchrun), or being saved by `saving`
+                saving: Future[Path] | None = None
                 if run is not None and ranks.distributed:
                     with phase("persist"):  # every rank's inputs are durable once all have sent their path
                         inputs_file = _persist_inputs(acts, run, index + 1)
@@ -231,7 +232,7 @@ def stream_blocks(
                 peak = _device_peak(options, index)
                 if inputs_file is not None:
                     run.record_block(index, inputs_file, {**record, **peak}, phase.seconds)
-                elif run is not None:
+                elif saving is not None:
                     unrecorded = _Unrecorded(run, index, saving, {**record, **peak}, phase.seconds)
                 log.info(
                     "block %d/%d done: %s%s", index + 1, staged.num_blocks,

@@ -26,7 +26,8 @@ from tests import textbook
 from tests.test_methods import correlated_inputs
 
 TOLERANCE = 1e-5
-SPARSE = {"50%": Target(sparsity=0.5), "30%": Target(sparsity=0.3), "0%": Target(sparsity=0.0), "2:4": Target(pattern=(2, 4))}
+SPARSE = {"50%": Target(sparsity=0.5), "30%": Target(sparsity=0.3), "0%": Target(sparsity=0.0),
+          "2:4": Target(pattern=(2, 4))}
 SHAPES = {"16x32": (16, 32), "8x48": (8, 48)}
 
 

@@ -9,7 +9,8 @@ training trades them (README, "Reconstruction (PERP) on SparseGPT / Wanda").
     python tools/reconstruction_windows.py --blocks 12 -- --model M --out SCRATCH --method sparsegpt --sparsity 0.7 \\
         --reconstruct biases,norms,masklora --seqlen 512 --nsamples 32 --device cpu [--recon-lr 5e-4 ...]
 
---blocks counts from 1, as the log does.
+--blocks counts from 1, as the log does, the blocks this run trains: give a fresh SCRATCH (or --restart), since a
+resumed run would start counting at its first unfinished block.
 """
 
 from __future__ import annotations
