@@ -8,6 +8,7 @@ Streaming must give the same tensors. With a reconstruction, each block is also 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +26,18 @@ from streamer.experts import unfuse_experts
 from streamer.structure import layout_of
 
 
+def recorded_micro_batch(out: Path) -> int:
+    """The micro-batch a streamed run recorded in its output: an oracle batches its windows alike, because a bigger
+    batch sums the statistics in another order."""
+    return json.loads((Path(out) / "config.json").read_text())["layerpress"]["micro_batch"]
+
+
 def first_block_inputs(
-    model: nn.Module, windows: torch.Tensor
+    model: nn.Module, windows: torch.Tensor, micro_batch: int = 1
 ) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
-    """The first block's inputs for each window, and a function that calls any block the way the model calls it
-    (each block with its own arguments: Gemma's sliding-window layers get other masks than its global ones)."""
+    """The first block's inputs for each micro-batch of windows, and a function that calls any block the way the
+    model calls it (each block with its own arguments: Gemma's sliding-window layers get other masks than its global
+    ones)."""
     blocks = model.get_submodule(adapter_for(model.config.to_dict()).blocks)
     first_inputs: list[torch.Tensor] = []
     calls: dict[int, tuple[tuple, dict]] = {}
@@ -41,8 +49,8 @@ def first_block_inputs(
 
     hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
     with torch.no_grad():
-        for window in windows:
-            model(window.unsqueeze(0), use_cache=False)
+        for batch in windows.split(micro_batch):
+            model(batch, use_cache=False)
     for hook in hooks:
         hook.remove()
 
@@ -92,10 +100,12 @@ def compress_in_memory(
     precomputed: dict[str, dict[str, torch.Tensor]] | None = None,
     target_for: Callable[[str], Target] | None = None,
     expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
+    micro_batch: int = 1,
 ) -> dict[str, torch.Tensor]:
     """precomputed: by full layer name (model.layers.0.mlp.up_proj), what the method's `statistic` takes besides it;
     target_for: each layer's own target, by full layer name (default: `target` for all);
-    expert_min_tokens: an expert routed fewer tokens takes its statistics from every token (streamer/block.py)."""
+    expert_min_tokens: an expert routed fewer tokens takes its statistics from every token (streamer/block.py);
+    micro_batch: windows per forward, as the streamed run took them (`recorded_micro_batch`)."""
     precomputed = precomputed or {}
     reconstruction = reconstruction or Reconstruction()
     if "biases" in reconstruction.subsets:
@@ -105,7 +115,7 @@ def compress_in_memory(
     model.requires_grad_(False)
     adapter = adapter_for(model.config.to_dict())
     blocks = model.get_submodule(adapter.blocks)
-    hidden, forward = first_block_inputs(model, windows)
+    hidden, forward = first_block_inputs(model, windows, micro_batch)
     groups = list(adapter.sequential_groups) if true_sequential else [adapter.linear_names]
     for index, block in enumerate(blocks):
         with torch.no_grad():

@@ -15,7 +15,7 @@ from streamer.adapters import adapter_for
 from streamer.checkpoint import Checkpoint
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
-from tests.reference import compress_in_memory
+from tests.reference import compress_in_memory, recorded_micro_batch
 
 NSAMPLES, SEQLEN = 4, 32
 
@@ -37,7 +37,7 @@ def load_state(directory) -> dict[str, torch.Tensor]:
 def assert_streamed_equals_in_memory(model, out, calib, method: Method, target: Target, **options) -> None:
     """The streamed output in `out` equals the in-memory oracle (tests/reference.py), tensor by tensor."""
     windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib)), NSAMPLES, SEQLEN, 0)
-    expected = compress_in_memory(model, method, target, windows, **options)
+    expected = compress_in_memory(model, method, target, windows, micro_batch=recorded_micro_batch(out), **options)
     streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     assert streamed.keys() == expected.keys()
     for name, tensor in expected.items():

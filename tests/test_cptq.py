@@ -16,7 +16,7 @@ from methods.allocation import bits_by_sensitivity, weighted_mean
 from methods.sensitivity import BlockCorrelation, canonical_sensitivity, pruning_sensitivity, taylor_sensitivity
 from streamer.data import DEFAULT_CALIBRATION, calibration_windows, load_text, load_tokenizer, tokenize
 from streamer.adapters import adapter_for
-from tests.reference import compress_in_memory, first_block_inputs, in_memory_model
+from tests.reference import compress_in_memory, first_block_inputs, in_memory_model, recorded_micro_batch
 from tests.test_compress import NSAMPLES, SEQLEN, run_compress
 from tests.test_quant import interrupted_at_block, shard_bytes
 from tests.test_resume import output_digest
@@ -161,7 +161,8 @@ def test_policy_streamed_equals_in_memory_with_the_recorded_bits(tiny_checkpoint
     windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib)), NSAMPLES, SEQLEN, 0)
     method = METHODS["gptq"]()
     expected = compress_in_memory(
-        model, method, Target(), windows, target_for=lambda name: Target(quant=QuantSpec(bits[name], 32))
+        model, method, Target(), windows, target_for=lambda name: Target(quant=QuantSpec(bits[name], 32)),
+        micro_batch=recorded_micro_batch(out),
     )
     streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     for name, tensor in expected.items():

@@ -30,7 +30,9 @@ from streamer.data import calibration_windows, evaluation_windows, load_text, lo
 from streamer.experts import LinearRouter
 from streamer.model import StagedModel, load_model
 from tests.conftest import ROOT, VOCAB, make_tiny_checkpoint
-from tests.reference import compress_in_memory, first_block_inputs, in_memory_model, structured_in_memory
+from tests.reference import (
+    compress_in_memory, first_block_inputs, in_memory_model, recorded_micro_batch, structured_in_memory,
+)
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
 from tests.test_gradients import load_gradients, run_gradients, whole_model_gradient_norms
 from tests.test_resume import output_digest
@@ -108,7 +110,8 @@ def sparse(request, family_checkpoints, calib, tmp_path_factory):
     family = request.param
     model, out = family_checkpoints(family), tmp_path_factory.mktemp(f"{family}-2of4") / "out"
     run_compress(model, out, calib, "--method", "sparsegpt", "--pattern", "2:4")
-    expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(pattern=(2, 4)), windows_of(model, calib))
+    expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(pattern=(2, 4)), windows_of(model, calib),
+                                  micro_batch=recorded_micro_batch(out))
     return family, model, out, expected
 
 
@@ -191,7 +194,8 @@ def test_streamed_gradients_equal_whole_model_backward(family_checkpoints, calib
 def test_other_methods_stream_as_in_memory(family_checkpoints, calib, tmp_path, family, options, method, target):
     model = family_checkpoints(family)
     run_compress(model, tmp_path / "out", calib, *options)
-    expected = compress_in_memory(model, METHODS[method](), target, windows_of(model, calib))
+    expected = compress_in_memory(model, METHODS[method](), target, windows_of(model, calib),
+                                  micro_batch=recorded_micro_batch(tmp_path / "out"))
     assert_state_equals(tmp_path / "out", expected)
 
 
@@ -258,7 +262,7 @@ def test_streamed_reconstruction_equals_in_memory(family_checkpoints, calib, tmp
                  "--recon-steps", "8", "--recon-lr", "1e-2", "--lora-rank", "4")
     settings = Reconstruction(subsets=tuple(subsets.split(",")), steps=8, lr=1e-2, rank=4)
     expected = compress_in_memory(model, METHODS["wanda"](), Target(sparsity=0.6), windows_of(model, calib),
-                                  reconstruction=settings)
+                                  reconstruction=settings, micro_batch=recorded_micro_batch(out))
     assert_state_equals(out, expected, atol=1e-5)
 
 
@@ -357,7 +361,7 @@ def test_experts_below_the_token_minimum_are_logged_and_stream_as_in_memory(fami
     assert starved and all("statistics from all 128 calibration tokens" in line for line in starved)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["layerpress"]["expert_min_tokens"] == 80
     expected = compress_in_memory(model, METHODS["sparsegpt"](), Target(sparsity=0.5), windows_of(model, calib),
-                                  expert_min_tokens=80)
+                                  expert_min_tokens=80, micro_batch=recorded_micro_batch(tmp_path / "out"))
     assert_state_equals(tmp_path / "out", expected)
 
 

@@ -19,7 +19,7 @@ from streamer.adapters import adapter_for
 from streamer.adapters.llama import LLAMA
 from streamer.data import calibration_windows, load_text, load_tokenizer, tokenize
 from tests.conftest import FAMILIES
-from tests.reference import compress_in_memory, first_block_inputs, load_with_biases
+from tests.reference import compress_in_memory, first_block_inputs, load_with_biases, recorded_micro_batch
 from tests.test_compress import NSAMPLES, SEQLEN, load_state, run_compress
 
 FAST = ["--recon-steps", "8", "--recon-lr", "1e-2", "--lora-rank", "4"]
@@ -174,7 +174,7 @@ def test_streamed_reconstruction_equals_in_memory(tiny_checkpoints, tmp_path, ca
                  "--reconstruct", "biases,norms,masklora", *FAST)
     settings = Reconstruction(subsets=("biases", "norms", "masklora"), steps=8, lr=1e-2, rank=4)
     expected = compress_in_memory(model, METHODS["wanda"](), Target(sparsity=0.6), calibration(model, calib_text),
-                                  reconstruction=settings)
+                                  reconstruction=settings, micro_batch=recorded_micro_batch(out))
     streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     assert streamed.keys() == expected.keys()
     for name, tensor in expected.items():
