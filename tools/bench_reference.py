@@ -9,7 +9,7 @@ drawn by `CalibrationOptions`, handed to the reference's loop), because the draw
 A comparison is only as sharp as the noise of either side, so each side runs under a few perturbations that should
 not matter, and the report gives each side's spread next to the paired difference:
 
-  base           seed 0, 2 threads (ours: the micro-batch its memory plan picks; the reference: one window at a time)
+  base           seed 0, 2 threads (ours: the micro-batch its plan picks, 4 here on a CPU; the reference: one window)
   1-thread       the same with one thread: another float summation order in every matrix product
   micro-batch-1  ours only, one window per forward (the reference has no such knob)
   micro-batch-4  ours only, four windows per forward
