@@ -163,7 +163,7 @@ class Scorer:
     blocksize: int = 128
     outlier_threshold: float = 5.0
     cca_noise: float = 0.01
-    gram_dtype: str = "float32"
+    gram_dtype: str = "auto"
     keep_pruned: bool = False
 
     name: ClassVar[str] = "scores"

@@ -126,7 +126,8 @@ def test_statistic_size_is_the_float32_sum_for_every_gram_dtype():
 
 @pytest.mark.parametrize("method", [SparseGPT, GPTQ])
 def test_hessian_methods_take_the_gram_dtype_and_record_it_when_not_float32(method):
-    assert "gram_dtype" not in method().settings()  # older records (and partial runs) stay as they were
+    assert "gram_dtype" not in method(gram_dtype="float32").settings()  # older records (and partial runs) stay
+    assert method().settings()["gram_dtype"] == "auto"
     chosen = method(gram_dtype="bfloat16")
     assert chosen.settings()["gram_dtype"] == "bfloat16"
     assert chosen.statistic(nn.Linear(16, 4)).gram_dtype == "bfloat16"
@@ -134,6 +135,20 @@ def test_hessian_methods_take_the_gram_dtype_and_record_it_when_not_float32(meth
     assert cost.update_precision == "bfloat16" and cost.update_bytes_per_token == (2 + 2 + 4) * 16
     with pytest.raises(ValueError, match="float16"):
         method(gram_dtype="float16")
+
+
+@pytest.mark.parametrize("method", [SparseGPT, GPTQ, lambda **kw: Scorer((0.5,), **kw)])
+def test_auto_gram_dtype_rounds_no_input(method):
+    """TF32 holds every bfloat16 and float16 value (10 mantissa bits); float32 blocks keep float32 products."""
+    chosen = method(gram_dtype="auto")
+    for dtype, expected in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "float32")):
+        assert chosen.statistic(nn.Linear(16, 4, dtype=dtype, device="meta")).gram_dtype == expected, dtype
+        cost = chosen.layer_cost(8, 16, dtype, Target(sparsity=0.5))
+        assert cost.update_precision == expected
+        assert cost.update_flops_per_token == Gram.update_flops_per_token(16, expected)
+    inputs = correlated_inputs(256, 32, outliers=2)
+    for sixteen_bit in (inputs.bfloat16(), inputs.half()):  # as float32, no bit below TF32's 10 mantissa bits
+        assert not (sixteen_bit.float().view(torch.int32) & (2**13 - 1)).any(), sixteen_bit.dtype
 
 
 def chosen_target(method: HessianSweep) -> Target:
