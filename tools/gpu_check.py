@@ -36,6 +36,9 @@ SMOLLM2_RUNS = {
     "sparsegpt 50%": ["--method", "sparsegpt", "--sparsity", "0.5"],
     "gptq w4 g128 act-order": ["--method", "gptq", "--wbits", "4", "--groupsize", "128", "--act-order",
                                "--true-sequential"],
+    # bfloat16 blocks: the default --gram-dtype auto is TF32 there, which on CUDA is not float32 (on a CPU it is)
+    "gptq w4 g128 act-order bf16": ["--method", "gptq", "--wbits", "4", "--groupsize", "128", "--act-order",
+                                    "--true-sequential", "--dtype", "bfloat16"],
     "sparsegpt 50% + reconstruct": ["--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct",
                                     "biases,norms,masklora"],
 }
