@@ -78,6 +78,12 @@ COMMANDS = ("compress", "scores", "gradients", "eval")
 # normalization and activation) while the backward makes as much again: measured on a CPU with Llama, OPT and
 # BLOOM blocks (tools/phase_memory.py), about twice the forward's transients.
 AUTOGRAD_FORWARD_COPIES = 2
+# --reconstruct trains against frozen inputs: autograd keeps each linear layer's input (for its trainable update),
+# the norms' and attention's inputs and the activation, not the inputs' gradients: about 9 hidden-wide and 2
+# FFN-wide tensors a token against the forward's 8 and 4 (0.71 on OPT). Measured on a CPU (OPT, hidden 2048, FFN
+# 8192, 512 tokens a window, float32, biases,norms,masklora; tools/phase_memory.py): the reconstruct phase peaked at
+# 1236, 1280, 1384 and 1640 MiB at micro-batch 1, 2, 4 and 8, 44-64 MiB a window, 0.46-0.67 of the forward's 96.
+TRAINING_FORWARD_COPIES = 0.75
 # Positions of a window the gradient pass's head runs at once (streamer/commands/gradients.py: head_loss).
 GRADIENT_HEAD_POSITIONS = 64
 
@@ -433,7 +439,7 @@ class Planner:
             largest = max(linear.rows * linear.columns for linear in linears)
             parts["weights rebuilt for autograd"] = (s.linear_parameters * (1 + s.dtype.itemsize) + 5 * 4 * largest)
         parts["trainable copies, gradients, AdamW moments"] = 4 * 4 * trainable
-        parts["saved activations"] = AUTOGRAD_FORWARD_COPIES * self.forward_transient(choice.micro_batch)
+        parts["saved activations"] = int(TRAINING_FORWARD_COPIES * self.forward_transient(choice.micro_batch))
         parts["micro-batch and its targets"] = 2 * choice.micro_batch * self.workload.seqlen * s.hidden * 4
         return parts
 
