@@ -897,6 +897,7 @@ class Plan:
         buffer = p.activation_buffer_bytes()
         largest = max(p.layers.values(), key=lambda n: n.statistic + n.cost.working_bytes)
         data = "evaluation windows" if w.command == "eval" else "calibration"
+        products = sorted({n.cost.update_precision for n in p.layers.values() if n.cost.update_flops_per_token})
         lines = [
             f"plan of {w.command}: {s.family}, {s.blocks} blocks, {' '.join(what)}, {w.nsamples} x {w.seqlen} {data}"
             + (f" ({w.rank_windows} windows per rank of {w.world_size}: every figure below is one rank's)"
@@ -904,7 +905,8 @@ class Plan:
             f"on {p.device_type} in {str(s.dtype).removeprefix('torch.')}; {budget}",
             f"settings that fit: {self.choice.describe(p.device_type, p.observes)}"
             + (f"; statistics and solves in {str(p.statistic_dtype).removeprefix('torch.')}"
-               if p.statistic_dtype else ""),
+               if p.statistic_dtype else "")
+            + (f" (the statistics' products in {', '.join(products)})" if products not in ([], ["float32"]) else ""),
             f"sizes: largest block {gib(s.block_bytes)} ({gib(s.block_stored_bytes)} stored), activation buffers "
             f"2 x {gib(buffer)}" + (f", largest layer {largest.linear.name} ({largest.linear.rows} x "
                                     f"{largest.linear.columns}): statistic {gib(largest.statistic)}, method working "

@@ -241,3 +241,18 @@ def test_the_time_estimate_counts_each_gram_once_at_its_precisions_rate(tiny_che
     assert compute("float32") - compute("bfloat16") == pytest.approx(flops / 1e11 - flops / 8e11 - moved / 1e10)
     assert speed.forward_rate(torch.float32) == 1e11 and speed.forward_rate(torch.bfloat16) == 1e12
     assert Speed(1e12, 1e11, 2e10, 1e-5, 1e10, 1e9, 5e8).statistic_rate("bfloat16") == 1e11  # not assumed
+
+
+def test_the_plan_says_in_what_precision_the_statistics_multiply(tiny_checkpoints):
+    """--gram-dtype auto resolves by the blocks' dtype; the plan names the result where it is not float32."""
+    staged = StagedModel(Checkpoint(tiny_checkpoints["llama"]), torch.device("cpu"), dtype=torch.bfloat16)
+
+    def settings_line(method: str, **options) -> str:
+        workload = Workload(METHODS[method](**options), Target(sparsity=0.5), 16, 256)
+        plan = planner_module.plan_run(staged, workload, "cuda", Budget(BIG, BIG), PROCESS)
+        return next(line for line in plan.describe().splitlines() if line.startswith("settings that fit"))
+
+    assert settings_line("sparsegpt").endswith("(the statistics' products in tf32)")
+    assert settings_line("sparsegpt", gram_dtype="bfloat16").endswith("(the statistics' products in bfloat16)")
+    assert "products" not in settings_line("sparsegpt", gram_dtype="float32")
+    assert "products" not in settings_line("wanda")

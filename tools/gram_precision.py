@@ -5,8 +5,9 @@
 SmolLM2 in bfloat16, the first windows × 512 tokens of WikiText-2 valid; for each distinct input of every block
 (q/k/v, o_proj, gate/up, down_proj) both Grams are accumulated (methods/statistics.Gram) and compared, all in units
 of the exact Gram's mean diagonal (the damping is 0.01 of it): its spectral norm ‖H‖, the bfloat16 Gram's error
-‖E‖ and the smallest eigenvalue of the bfloat16 Gram. Inputs whose smallest eigenvalue is below −0.005 are printed,
-and every input of --blocks. A smallest eigenvalue below −0.01 means the 1% damping cannot make it positive definite.
+‖E‖ and the smallest eigenvalue of the bfloat16 Gram. Inputs whose smallest eigenvalue is below −0.005 are
+printed, and every input of --blocks. A smallest eigenvalue below −0.01 means the 1% damping cannot make it positive
+definite.
 """
 
 from __future__ import annotations
