@@ -175,7 +175,8 @@ def test_streamed_quantization_equals_in_memory(tiny_checkpoints, tmp_path, cali
     options, method, target = CASES[case]
     run_compress(model, tmp_path / "out", calib_text, *options)
     windows = calibration_windows(tokenize(load_tokenizer(model), load_text(calib_text)), NSAMPLES, SEQLEN, 0)
-    expected = compress_in_memory(model, METHODS[method](), target, windows, micro_batch=recorded_micro_batch(tmp_path / "out"))
+    expected = compress_in_memory(model, METHODS[method](), target, windows,
+                                  micro_batch=recorded_micro_batch(tmp_path / "out"))
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     assert streamed.keys() == expected.keys()
     for name, tensor in expected.items():
